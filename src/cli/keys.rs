@@ -1,0 +1,80 @@
+//! `cachepush keygen` and `cachepush pubkey`.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use cachepush::format::SecretKey;
+use clap::Args;
+
+use super::Failure;
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Key name, conventionally the cache's host name and a number, e.g. `cache.example.org-1`.
+    name: String,
+    /// Where to write the secret key (created with mode 0600; never overwritten).
+    secret_file: PathBuf,
+    /// Also write the public key to this file.
+    #[arg(long, value_name = "FILE", env = "CACHEPUSH_PUBLIC_KEY_FILE")]
+    public_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct PubkeyArgs {
+    /// A secret key file (as written by `cachepush keygen` or `nix-store --generate-binary-cache-key`).
+    secret_file: PathBuf,
+}
+
+/// Reads and parses a secret key file; the error names the file and what is wrong.
+pub fn read_secret_key(path: &Path) -> Result<SecretKey, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Failure::input(format!(
+            "cannot read secret key file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let text = zeroize::Zeroizing::new(text);
+    SecretKey::parse(&text).map_err(|e| {
+        Failure::input(format!("secret key file {}: {e}", path.display())).hint(
+            "generate a key with `cachepush keygen NAME FILE` or `nix-store --generate-binary-cache-key NAME SK PK`",
+        )
+    })
+}
+
+fn create_new(path: &Path, mode: u32, text: &str) -> Result<(), Failure> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            let f = Failure::input(format!("cannot create {}: {e}", path.display()));
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                f.hint("cachepush never overwrites a key file; choose another path or remove the old file first")
+            } else {
+                f
+            }
+        })?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Failure::input(format!("writing {}: {e}", path.display())))
+}
+
+pub fn keygen(a: KeygenArgs) -> Result<ExitCode, Failure> {
+    let key = SecretKey::generate(&a.name).map_err(|e| Failure::input(e.to_string()))?;
+    create_new(&a.secret_file, 0o600, &key.to_file_text())?;
+    let public = key.public().to_string();
+    if let Some(p) = &a.public_file {
+        create_new(p, 0o644, &public)?;
+    }
+    println!("{public}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn pubkey(a: PubkeyArgs) -> Result<ExitCode, Failure> {
+    let key = read_secret_key(&a.secret_file)?;
+    println!("{}", key.public());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,143 @@
+//! What the user sees while a push runs: progress bars on a terminal, plain timestamped
+//! lines elsewhere (CI logs), nothing but errors with `-q`.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How chatty to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Quiet,
+    Normal,
+    Verbose,
+}
+
+pub struct Output {
+    level: Level,
+    bars: Option<Bars>,
+    lock: Mutex<()>,
+}
+
+struct Bars {
+    multi: MultiProgress,
+    paths: ProgressBar,
+    bytes: ProgressBar,
+}
+
+/// `HH:MM:SS` in UTC, enough to read a CI log without pulling in a date library.
+fn timestamp() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        % 86_400;
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+impl Output {
+    pub fn new(level: Level) -> Self {
+        Output {
+            level,
+            bars: None,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Starts progress bars when stderr is a terminal and the user did not ask for quiet.
+    pub fn start_progress(&mut self, paths: u64, bytes: u64) {
+        if self.level == Level::Quiet || !std::io::stderr().is_terminal() {
+            return;
+        }
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+        let style = |t: &str| {
+            ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar())
+        };
+        let paths_bar = multi.add(ProgressBar::new(paths));
+        paths_bar.set_style(style(
+            "{prefix:>6} [{bar:30}] {pos}/{len} paths  {elapsed_precise}",
+        ));
+        paths_bar.set_prefix("push");
+        let bytes_bar = multi.add(ProgressBar::new(bytes));
+        bytes_bar.set_style(style(
+            "{prefix:>6} [{bar:30}] {bytes}/{total_bytes} NAR  {bytes_per_sec}",
+        ));
+        bytes_bar.set_prefix("read");
+        paths_bar.enable_steady_tick(Duration::from_millis(200));
+        self.bars = Some(Bars {
+            multi,
+            paths: paths_bar,
+            bytes: bytes_bar,
+        });
+    }
+
+    pub fn path_done(&self, nar_bytes: u64) {
+        if let Some(b) = &self.bars {
+            b.bytes.inc(nar_bytes);
+        }
+    }
+
+    pub fn path_published(&self) {
+        if let Some(b) = &self.bars {
+            b.paths.inc(1);
+        }
+    }
+
+    pub fn finish_progress(&mut self) {
+        if let Some(b) = self.bars.take() {
+            b.paths.finish_and_clear();
+            b.bytes.finish_and_clear();
+            let _ = b.multi.clear();
+        }
+    }
+
+    fn line(&self, text: &str) {
+        let _guard = self.lock.lock();
+        match &self.bars {
+            // Printing through the bars keeps log lines from tearing the progress display.
+            Some(b) => b.multi.suspend(|| eprintln!("{text}")),
+            None if std::io::stderr().is_terminal() => eprintln!("{text}"),
+            None => eprintln!("{} {text}", timestamp()),
+        }
+    }
+
+    pub fn info(&self, text: &str) {
+        if self.level >= Level::Normal {
+            self.line(text);
+        }
+    }
+
+    pub fn verbose(&self, text: &str) {
+        if self.level >= Level::Verbose {
+            self.line(text);
+        }
+    }
+
+    pub fn warn(&self, text: &str) {
+        if self.level >= Level::Normal {
+            self.line(&format!("warning: {text}"));
+        }
+    }
+
+    pub fn error(&self, text: &str) {
+        self.line(&format!("error: {text}"));
+    }
+}
+
+/// Bytes for people: `1.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

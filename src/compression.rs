@@ -1,0 +1,252 @@
+//! NAR compression, and the single pass that turns a store path into upload chunks:
+//! filesystem → NAR → SHA-256 (NarHash) → compressor → SHA-256 (FileHash) → chunks.
+
+use std::fmt;
+use std::io::{self, Write};
+use std::path::Path;
+use std::str::FromStr;
+
+use bytes::{Bytes, BytesMut};
+use sha2::Digest;
+use tokio::sync::mpsc;
+
+use crate::format::{Sha256, nar};
+
+/// How NAR files are compressed in the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    /// zstd at the given level (1–19); `threads` > 1 splits large NARs across cores.
+    Zstd {
+        level: i32,
+        threads: u32,
+    },
+    /// xz at the given preset (0–9).
+    Xz {
+        level: u32,
+    },
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression::Zstd {
+            level: 3,
+            threads: 0,
+        }
+    }
+}
+
+impl Compression {
+    /// The narinfo `Compression:` value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd { .. } => "zstd",
+            Compression::Xz { .. } => "xz",
+        }
+    }
+
+    /// The NAR file extension Nix uses for this compression.
+    pub fn extension(&self) -> &'static str {
+        match self {
+            Compression::None => ".nar",
+            Compression::Zstd { .. } => ".nar.zst",
+            Compression::Xz { .. } => ".nar.xz",
+        }
+    }
+
+    /// Sets the level, checking it is in range for the algorithm.
+    pub fn with_level(self, level: i32) -> Result<Self, String> {
+        match self {
+            Compression::None => Err("--compression-level does not apply to 'none'".into()),
+            Compression::Zstd { threads, .. } if (1..=19).contains(&level) => {
+                Ok(Compression::Zstd { level, threads })
+            }
+            Compression::Xz { .. } if (0..=9).contains(&level) => Ok(Compression::Xz {
+                level: level as u32,
+            }),
+            _ => Err(format!(
+                "compression level {level} is out of range for {} (zstd: 1-19, xz: 0-9)",
+                self.name()
+            )),
+        }
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "zstd" => Ok(Compression::default()),
+            "xz" => Ok(Compression::Xz { level: 6 }),
+            "none" => Ok(Compression::None),
+            other => Err(format!(
+                "unknown compression {other:?} (use zstd, xz or none)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What one pass over a store path produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Produced {
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+    pub file_hash: Sha256,
+    pub file_size: u64,
+}
+
+/// Counts and hashes what passes through.
+struct Hashing<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Cuts the compressed stream into chunks for a bounded channel; blocks when it is full,
+/// which is the backpressure that keeps memory independent of the NAR's size.
+struct ChunkSink {
+    tx: mpsc::Sender<Bytes>,
+    buf: BytesMut,
+    chunk: usize,
+}
+
+impl ChunkSink {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        self.buf.reserve(self.chunk);
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+    }
+}
+
+impl Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = self.chunk - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= self.chunk {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Encoder {
+    None(Hashing<ChunkSink>),
+    Zstd(zstd::stream::write::Encoder<'static, Hashing<ChunkSink>>),
+    Xz(liblzma::write::XzEncoder<Hashing<ChunkSink>>),
+}
+
+impl Write for Encoder {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::None(w) => w.write(buf),
+            Encoder::Zstd(w) => w.write(buf),
+            Encoder::Xz(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::None(w) => w.flush(),
+            Encoder::Zstd(w) => w.flush(),
+            Encoder::Xz(w) => w.flush(),
+        }
+    }
+}
+
+impl Encoder {
+    fn new(c: Compression, out: Hashing<ChunkSink>, nar_size_hint: u64) -> io::Result<Self> {
+        Ok(match c {
+            Compression::None => Encoder::None(out),
+            Compression::Zstd { level, threads } => {
+                let mut e = zstd::stream::write::Encoder::new(out, level)?;
+                e.include_checksum(true)?;
+                // Worker threads only pay off when there is more than one job's worth of input.
+                if threads > 1 && nar_size_hint > 8 << 20 {
+                    e.multithread(threads)?;
+                }
+                Encoder::Zstd(e)
+            }
+            Compression::Xz { level } => Encoder::Xz(liblzma::write::XzEncoder::new(out, level)),
+        })
+    }
+
+    fn finish(self) -> io::Result<Hashing<ChunkSink>> {
+        match self {
+            Encoder::None(w) => Ok(w),
+            Encoder::Zstd(e) => e.finish(),
+            Encoder::Xz(e) => e.finish(),
+        }
+    }
+}
+
+/// Serialises `path`, compresses it and sends it in `chunk`-sized pieces to `tx`.
+/// Runs on a blocking thread; returns once everything was handed to the channel.
+pub fn produce(
+    path: &Path,
+    compression: Compression,
+    nar_size_hint: u64,
+    chunk: usize,
+    tx: mpsc::Sender<Bytes>,
+) -> io::Result<Produced> {
+    let sink = ChunkSink {
+        tx,
+        buf: BytesMut::with_capacity(chunk),
+        chunk,
+    };
+    let file = Hashing {
+        inner: sink,
+        hasher: sha2::Sha256::new(),
+        count: 0,
+    };
+    let mut nar_out = Hashing {
+        inner: Encoder::new(compression, file, nar_size_hint)?,
+        hasher: sha2::Sha256::new(),
+        count: 0,
+    };
+    // NAR writing issues many small writes; a buffer keeps them off the compressor's path.
+    {
+        let mut buffered = io::BufWriter::with_capacity(128 * 1024, &mut nar_out);
+        nar::dump_path(path, &mut buffered)?;
+        buffered.flush()?;
+    }
+    let Hashing {
+        inner: encoder,
+        hasher: nar_hasher,
+        count: nar_size,
+    } = nar_out;
+    let mut file = encoder.finish()?;
+    file.inner.send()?;
+    Ok(Produced {
+        nar_hash: Sha256::from_bytes(nar_hasher.finalize().into()),
+        nar_size,
+        file_hash: Sha256::from_bytes(file.hasher.finalize().into()),
+        file_size: file.count,
+    })
+}

@@ -1,0 +1,251 @@
+//! A binary cache in a local directory (`file:///DIR`), laid out as Nix lays it out.
+//!
+//! Every write goes to a temporary file in the same directory, is synced, and is renamed
+//! into place, so a crash leaves at worst a stray `.tmp-*` file, never a torn object.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{Staged, Storage, StorageError};
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Clone, Debug)]
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+impl LocalDir {
+    /// Opens (and creates, if needed) the cache directory.
+    pub fn open(root: &Path) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(root.join("nar")).map_err(|source| StorageError::Io {
+            op: "create directory",
+            key: root.display().to_string(),
+            source,
+        })?;
+        Ok(LocalDir {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
+        // Keys come from our own code, but a key must never escape the cache directory.
+        if key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(StorageError::Config(format!("invalid object key {key:?}")));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn tmp_path(target: &Path) -> PathBuf {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        target.with_file_name(format!(".tmp-{}-{n}-{name}", std::process::id()))
+    }
+}
+
+fn io_err(op: &'static str, key: &str) -> impl FnOnce(std::io::Error) -> StorageError {
+    let key = key.to_owned();
+    move |source| StorageError::Io { op, key, source }
+}
+
+/// Writes `data` to a temp file beside `target`, syncs it, and returns the temp path.
+fn write_tmp(target: &Path, data: &[u8]) -> std::io::Result<PathBuf> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = LocalDir::tmp_path(target);
+    let mut f = std::fs::File::create(&tmp)?;
+    let res = f.write_all(data).and_then(|_| f.sync_all());
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+async fn blocking<T: Send + 'static>(
+    op: &'static str,
+    key: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::Io {
+            op,
+            key: key.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(io_err(op, key))
+}
+
+impl Storage for LocalDir {
+    type Staged = LocalStaged;
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        match tokio::fs::metadata(self.path(key)?).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", key)(e)),
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        match tokio::fs::read(self.path(key)?).await {
+            Ok(b) => Ok(Some(Bytes::from(b))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", key)(e)),
+        }
+    }
+
+    async fn put(&self, key: &str, _ct: &'static str, body: Bytes) -> Result<(), StorageError> {
+        let target = self.path(key)?;
+        blocking("write", key, move || {
+            let tmp = write_tmp(&target, &body)?;
+            std::fs::rename(&tmp, &target).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
+        })
+        .await
+    }
+
+    async fn put_if_absent(
+        &self,
+        key: &str,
+        _ct: &'static str,
+        body: Bytes,
+    ) -> Result<bool, StorageError> {
+        let target = self.path(key)?;
+        blocking("write", key, move || {
+            let tmp = write_tmp(&target, &body)?;
+            // link() fails with AlreadyExists instead of replacing, unlike rename().
+            let res = std::fs::hard_link(&tmp, &target);
+            let _ = std::fs::remove_file(&tmp);
+            match res {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    async fn stage(
+        &self,
+        key: &str,
+        _ct: &'static str,
+        mut body: mpsc::Receiver<Bytes>,
+    ) -> Result<LocalStaged, StorageError> {
+        let target = self.path(key)?;
+        let tmp = LocalDir::tmp_path(&target);
+        let mut staged = LocalStaged {
+            tmp: Some(tmp.clone()),
+            target,
+            key: key.to_owned(),
+            size: 0,
+        };
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(io_err("create", key))?;
+        while let Some(chunk) = body.recv().await {
+            staged.size += chunk.len() as u64;
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                .await
+                .map_err(io_err("write", key))?;
+        }
+        file.sync_all().await.map_err(io_err("sync", key))?;
+        Ok(staged)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        match tokio::fs::remove_file(self.path(key)?).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("delete", key)(e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        blocking("list", &prefix.clone(), move || {
+            let mut out = Vec::new();
+            let mut dirs = vec![root.clone()];
+            while let Some(d) = dirs.pop() {
+                for e in std::fs::read_dir(&d)? {
+                    let e = e?;
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(".tmp-") {
+                        continue;
+                    }
+                    if e.file_type()?.is_dir() {
+                        dirs.push(e.path());
+                    } else if let Ok(rel) = e.path().strip_prefix(&root) {
+                        let rel = rel.to_string_lossy().into_owned();
+                        if rel.starts_with(&prefix) {
+                            out.push(rel);
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// A NAR written to a temp file, renamed into place on commit and removed otherwise.
+pub struct LocalStaged {
+    tmp: Option<PathBuf>,
+    target: PathBuf,
+    key: String,
+    size: u64,
+}
+
+impl Staged for LocalStaged {
+    async fn commit(mut self) -> Result<u64, StorageError> {
+        let Some(tmp) = self.tmp.take() else {
+            return Ok(self.size);
+        };
+        let res = tokio::fs::rename(&tmp, &self.target).await;
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err("rename", &self.key)(e));
+        }
+        Ok(self.size)
+    }
+
+    async fn abort(mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = tokio::fs::remove_file(tmp).await;
+        }
+    }
+}
+
+impl Drop for LocalStaged {
+    fn drop(&mut self) {
+        // Cancelled (e.g. Ctrl-C) between staging and commit: leave nothing behind.
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}

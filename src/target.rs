@@ -1,0 +1,140 @@
+//! Cache URLs: `file:///DIR[?compression=..&secret-key=..]` (Nix's own syntax).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TargetError {
+    #[error("cache URL {0:?} has no scheme; use file:///absolute/dir or s3://bucket")]
+    NoScheme(String),
+    #[error("cache URL scheme {0:?} is not supported; use file:///absolute/dir or s3://bucket")]
+    UnsupportedScheme(String),
+    #[error("cache URL {0:?}: a file:// URL needs an absolute path, e.g. file:///var/cache/nix")]
+    RelativeFile(String),
+    #[error("cache URL {url:?}: unknown parameter {param:?} (supported: {supported})")]
+    UnknownParam {
+        url: String,
+        param: String,
+        supported: &'static str,
+    },
+    #[error("cache URL {0:?}: malformed percent-encoding")]
+    BadEncoding(String),
+}
+
+/// A parsed cache URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetUrl {
+    File {
+        dir: PathBuf,
+        params: BTreeMap<String, String>,
+    },
+}
+
+const FILE_PARAMS: &str = "compression, secret-key";
+
+impl TargetUrl {
+    pub fn parse(url: &str) -> Result<Self, TargetError> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| TargetError::NoScheme(url.to_owned()))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let params = parse_query(url, query)?;
+        match scheme {
+            "file" => {
+                if !path.starts_with('/') {
+                    return Err(TargetError::RelativeFile(url.to_owned()));
+                }
+                check_params(url, &params, FILE_PARAMS)?;
+                Ok(TargetUrl::File {
+                    dir: PathBuf::from(percent_decode(url, path)?),
+                    params,
+                })
+            }
+            other => Err(TargetError::UnsupportedScheme(other.to_owned())),
+        }
+    }
+
+    pub fn param(&self, name: &str) -> Option<&str> {
+        match self {
+            TargetUrl::File { params, .. } => params.get(name).map(String::as_str),
+        }
+    }
+}
+
+fn check_params(
+    url: &str,
+    params: &BTreeMap<String, String>,
+    supported: &'static str,
+) -> Result<(), TargetError> {
+    for k in params.keys() {
+        if !supported.split(", ").any(|s| s == k) {
+            return Err(TargetError::UnknownParam {
+                url: url.to_owned(),
+                param: k.clone(),
+                supported,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn parse_query(url: &str, query: &str) -> Result<BTreeMap<String, String>, TargetError> {
+    let mut out = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(percent_decode(url, k)?, percent_decode(url, v)?);
+    }
+    Ok(out)
+}
+
+fn percent_decode(url: &str, s: &str) -> Result<String, TargetError> {
+    let bad = || TargetError::BadEncoding(url.to_owned());
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next().ok_or_else(bad)?, bytes.next().ok_or_else(bad)?];
+            let hex = std::str::from_utf8(&hex).map_err(|_| bad())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_urls() {
+        let t = TargetUrl::parse("file:///tmp/my%20cache?compression=xz").unwrap();
+        assert_eq!(
+            t,
+            TargetUrl::File {
+                dir: PathBuf::from("/tmp/my cache"),
+                params: [("compression".to_owned(), "xz".to_owned())].into()
+            }
+        );
+        assert_eq!(t.param("compression"), Some("xz"));
+        assert!(matches!(
+            TargetUrl::parse("file://tmp/x"),
+            Err(TargetError::RelativeFile(_))
+        ));
+        assert!(matches!(
+            TargetUrl::parse("/tmp/x"),
+            Err(TargetError::NoScheme(_))
+        ));
+        assert!(matches!(
+            TargetUrl::parse("ftp://x"),
+            Err(TargetError::UnsupportedScheme(_))
+        ));
+        assert!(matches!(
+            TargetUrl::parse("file:///x?bogus=1"),
+            Err(TargetError::UnknownParam { .. })
+        ));
+    }
+}
