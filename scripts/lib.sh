@@ -1,0 +1,26 @@
+# Shared shell helpers for scripts/demo.sh and scripts/test.sh. Sourced, not run.
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Runs apt-get as root, or through sudo when we are not root.
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  if [ -z "${CACHEPUSH_APT_UPDATED:-}" ]; then
+    $sudo apt-get update -q >/dev/null || die "apt-get update failed"
+    export CACHEPUSH_APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "$@" >/dev/null \
+    || die "apt-get install $* failed"
+}
+
+# Nix 2.8 from Debian: the real client that judges what cachepush writes.
+ensure_nix() {
+  if ! command -v nix-store >/dev/null || ! command -v nix >/dev/null; then
+    say "installing nix-bin from Debian"
+    apt_install nix-bin
+  fi
+  # Debian's nix has no sandbox on this kind of machine; the fixtures build with /bin/sh.
+  nix-store --version >/dev/null || die "nix-store does not run"
+}

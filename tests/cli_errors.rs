@@ -1,0 +1,232 @@
+//! Bad input gets one clear error line, a non-zero exit, and leaves no narinfo behind.
+//! Each case is paired with the same command made valid, which must succeed.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::*;
+
+fn error_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs `cachepush copy` and returns its output; the cache dir is `<tmp>/cache`.
+fn copy(cache: &Path, key: Option<&Path>, paths: &[&Path]) -> Output {
+    let mut c = cachepush();
+    c.arg("copy")
+        .arg("--to")
+        .arg(format!("file://{}", cache.display()));
+    if let Some(k) = key {
+        c.arg("--signing-key").arg(k);
+    }
+    c.args(paths).output().unwrap()
+}
+
+fn assert_one_error(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    assert_eq!(out.status.code(), Some(2), "bad input exits 2");
+    let errs = error_lines(out);
+    assert_eq!(errs.len(), 1, "exactly one error line: {errs:?}");
+    assert!(errs[0].contains(needle), "{:?} lacks {needle:?}", errs[0]);
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    good_key: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let good_key = dir.join("good.sk");
+    run_ok(cachepush().args(["keygen", "errs-1"]).arg(&good_key));
+    Setup {
+        _tmp: tmp,
+        dir,
+        good_key,
+    }
+}
+
+#[test]
+fn the_valid_command_works() {
+    let s = setup();
+    let cache = s.dir.join("cache");
+    let out = copy(&cache, Some(&s.good_key), &[shared_top()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(error_lines(&out).is_empty());
+    assert_eq!(narinfos(&cache).len(), 4);
+}
+
+#[test]
+fn truncated_key() {
+    let s = setup();
+    let text = std::fs::read_to_string(&s.good_key).unwrap();
+    let bad = s.dir.join("truncated.sk");
+    std::fs::write(&bad, &text[..text.len() - 10]).unwrap();
+    let cache = s.dir.join("cache");
+    let out = copy(&cache, Some(&bad), &[shared_top()]);
+    assert_one_error(&out, "truncated.sk");
+    assert!(narinfos(&cache).is_empty());
+}
+
+#[test]
+fn key_with_mismatched_public_half() {
+    let s = setup();
+    let other = s.dir.join("other.sk");
+    run_ok(cachepush().args(["keygen", "errs-1"]).arg(&other));
+    let decode = |p: &Path| {
+        let t = std::fs::read_to_string(p).unwrap();
+        B64.decode(t.split_once(':').unwrap().1.trim()).unwrap()
+    };
+    let (a, b) = (decode(&s.good_key), decode(&other));
+    let bad = s.dir.join("mixed.sk");
+    std::fs::write(
+        &bad,
+        format!("errs-1:{}", B64.encode([&a[..32], &b[32..]].concat())),
+    )
+    .unwrap();
+    let cache = s.dir.join("cache");
+    let out = copy(&cache, Some(&bad), &[shared_top()]);
+    assert_one_error(&out, "public half does not match");
+    assert!(narinfos(&cache).is_empty());
+}
+
+#[test]
+fn path_outside_the_store() {
+    let s = setup();
+    let cache = s.dir.join("cache");
+    let out = copy(&cache, Some(&s.good_key), &[&s.good_key]);
+    assert_one_error(&out, "is not in the Nix store");
+    assert!(narinfos(&cache).is_empty());
+}
+
+#[test]
+fn missing_path() {
+    let s = setup();
+    let cache = s.dir.join("cache");
+    let missing = s.dir.join("no-such-result");
+    let out = copy(&cache, Some(&s.good_key), &[&missing]);
+    assert_one_error(&out, "no-such-result does not exist");
+
+    let fake = Path::new("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-not-there");
+    let out = copy(&cache, Some(&s.good_key), &[fake]);
+    assert_one_error(
+        &out,
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-not-there is not a valid path",
+    );
+    assert!(narinfos(&cache).is_empty());
+}
+
+#[test]
+fn unwritable_target() {
+    let s = setup();
+    // Tests run as root, so permissions alone cannot make a directory unwritable:
+    // a regular file where the cache directory should be can.
+    let blocker = s.dir.join("blocker");
+    std::fs::write(&blocker, "x").unwrap();
+    let cache = blocker.join("cache");
+    let out = copy(&cache, Some(&s.good_key), &[shared_top()]);
+    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "target failure exits 3");
+    let errs = error_lines(&out);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("cache directory"), "{errs:?}");
+}
+
+#[test]
+fn keygen_refuses_to_overwrite_and_writes_0600() {
+    let s = setup();
+    let mode = std::fs::metadata(&s.good_key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let before = std::fs::read(&s.good_key).unwrap();
+    let out = cachepush()
+        .args(["keygen", "x"])
+        .arg(&s.good_key)
+        .output()
+        .unwrap();
+    assert_one_error(&out, "cannot create");
+    assert_eq!(std::fs::read(&s.good_key).unwrap(), before);
+}
+
+#[test]
+fn changed_store_path_is_not_published() {
+    // Corrupt a fresh store path behind Nix's back: its NarHash no longer matches the
+    // database, so it and everything referring to it must stay unpublished.
+    let s = setup();
+    let salt = format!(
+        "corrupt-{}-{:?}",
+        std::process::id(),
+        std::time::Instant::now()
+    );
+    let top = build("", &salt);
+    let tree = closure_of(&top)
+        .into_iter()
+        .find(|p| p.to_string_lossy().ends_with("-tree"))
+        .unwrap();
+    let file = tree.join("seven");
+    let dir_mode = std::fs::metadata(&tree).unwrap().permissions();
+    std::fs::set_permissions(&tree, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&file, "SEVEN77").unwrap();
+
+    let cache = s.dir.join("cache");
+    let out = copy(&cache, Some(&s.good_key), &[&top]);
+
+    // Put the store back as it was before asserting, so a failure leaves no damage.
+    std::fs::write(&file, "seven77").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(&tree, dir_mode).unwrap();
+
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("NAR hash mismatch"), "{stderr}");
+    assert!(stderr.contains(tree.to_str().unwrap()), "{stderr}");
+    let published: Vec<String> = narinfos(&cache)
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    // Only dep is independent of the corrupted tree.
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert!(published[0].contains("-dep\n"));
+    // No NAR of the corrupt path was left behind either (NARs are named by NarHash).
+    let hash = stdout(&run_ok(
+        std::process::Command::new("nix-store")
+            .args(["-q", "--hash"])
+            .arg(&tree),
+    ));
+    let nix32 = hash.strip_prefix("sha256:").unwrap();
+    let nars: Vec<String> = std::fs::read_dir(cache.join("nar"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!nars.is_empty());
+    assert!(nars.iter().all(|n| !n.starts_with(nix32)), "{nars:?}");
+
+    // Restored, the same command publishes everything.
+    let out = copy(&cache, Some(&s.good_key), &[&top]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(narinfos(&cache).len(), 4);
+}

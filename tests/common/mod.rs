@@ -1,0 +1,116 @@
+//! Shared helpers for the integration tests: the real `nix`, the cachepush binary, and
+//! loud failures when a prerequisite is missing (the test command installs them).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub const NIX_FLAGS: [&str; 2] = ["--extra-experimental-features", "nix-command"];
+
+/// Panics with what to run when a tool the tests need is not installed.
+pub fn require(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed; run `scripts/test.sh` (it installs the test prerequisites) \
+         or `apt-get install nix-bin`"
+    );
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Runs a command and returns its output, panicking with its stderr if it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Builds an attribute of `tests/fixtures/closure.nix` with the real Nix.
+pub fn build(attr: &str, salt: &str) -> PathBuf {
+    require("nix-build");
+    let out = run_ok(
+        Command::new("nix-build")
+            .arg(fixture("closure.nix"))
+            .args(["--no-out-link", "--argstr", "salt", salt])
+            .args(if attr.is_empty() {
+                vec![]
+            } else {
+                vec!["-A", attr]
+            })
+            .args(["--option", "substituters", ""]),
+    );
+    PathBuf::from(stdout(&out))
+}
+
+/// The closure fixture built once per test binary with the empty salt.
+pub fn shared_top() -> &'static Path {
+    static TOP: OnceLock<PathBuf> = OnceLock::new();
+    TOP.get_or_init(|| build("", ""))
+}
+
+pub fn closure_of(path: &Path) -> Vec<PathBuf> {
+    let out = run_ok(Command::new("nix-store").args(["-qR"]).arg(path));
+    stdout(&out).lines().map(PathBuf::from).collect()
+}
+
+pub fn cachepush() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cachepush"));
+    // Tests choose their own keys and targets; nothing leaks in from the developer's shell.
+    for v in [
+        "CACHEPUSH_SIGNING_KEY",
+        "CACHEPUSH_SIGNING_KEY_FILE",
+        "CACHEPUSH_TO",
+        "CACHEPUSH_COMPRESSION",
+        "CACHEPUSH_JOBS",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// `nix copy --from CACHE --to <fresh dir> PATH` with signatures checked against `pubkey`.
+pub fn nix_substitute(cache_url: &str, dest: &Path, path: &Path, pubkey: &str) -> Output {
+    require("nix");
+    Command::new("nix")
+        .args(NIX_FLAGS)
+        .args(["copy", "--from", cache_url, "--to"])
+        .arg(dest)
+        .arg(path)
+        .args(["--option", "trusted-public-keys", pubkey])
+        .args(["--option", "require-sigs", "true"])
+        .output()
+        .expect("run nix copy")
+}
+
+/// The narinfo files of a local cache directory.
+pub fn narinfos(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "narinfo"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
