@@ -24,3 +24,20 @@ ensure_nix() {
   # Debian's nix has no sandbox on this kind of machine; the fixtures build with /bin/sh.
   nix-store --version >/dev/null || die "nix-store does not run"
 }
+
+# Creates a bucket with a SigV4-signed PUT (curl, no SDK needed): make_bucket ENDPOINT NAME.
+# Reads the credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY through a config
+# file, so that they never appear on a command line.
+make_bucket() {
+  local code
+  code=$(curl -s -o /dev/null -w '%{http_code}' -K - -X PUT "$1/$2" <<CURL
+aws-sigv4 = "aws:amz:us-east-1:s3"
+user = "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY"
+header = "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+CURL
+  )
+  case $code in
+    200|409) ;;
+    *) die "creating bucket $2 at $1 failed with HTTP $code" ;;
+  esac
+}

@@ -162,6 +162,40 @@ impl LocalStore {
         Ok(topological(all))
     }
 
+    /// Which of `candidates` are valid (registered, complete) store paths, in one call to
+    /// `nix-store --check-validity`. Paths still being built are not valid yet.
+    pub async fn valid_of(&self, candidates: &[StorePath]) -> Result<Vec<StorePath>, StoreError> {
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let program = "nix-store";
+        let out = Command::new(program)
+            .args(["--check-validity", "--print-invalid"])
+            .args(candidates.iter().map(|p| self.store_dir.display(p)))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|source| StoreError::Spawn {
+                program: program.into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(StoreError::NixFailed {
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        let invalid: std::collections::HashSet<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .collect();
+        Ok(candidates
+            .iter()
+            .filter(|p| !invalid.contains(&self.store_dir.display(p)))
+            .cloned()
+            .collect())
+    }
+
     async fn path_info(
         &self,
         batch: &[StorePath],

@@ -1,4 +1,6 @@
-//! Cache URLs: `file:///DIR[?compression=..&secret-key=..]` (Nix's own syntax).
+//! Cache URLs, in Nix's own syntax:
+//! - `file:///DIR[?compression=..&secret-key=..]`
+//! - `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&profile=P&scheme=http|https&addressing-style=path|virtual&compression=..&secret-key=..]`
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,6 +21,8 @@ pub enum TargetError {
         param: String,
         supported: &'static str,
     },
+    #[error("cache URL {0:?} names no bucket; use s3://BUCKET[/PREFIX]?endpoint=...")]
+    NoBucket(String),
     #[error("cache URL {0:?}: malformed percent-encoding")]
     BadEncoding(String),
 }
@@ -30,9 +34,17 @@ pub enum TargetUrl {
         dir: PathBuf,
         params: BTreeMap<String, String>,
     },
+    S3 {
+        bucket: String,
+        prefix: String,
+        params: BTreeMap<String, String>,
+    },
 }
 
 const FILE_PARAMS: &str = "compression, secret-key";
+// `multipart-upload` and `parallel-compression` are Nix's; cachepush always does both,
+// so URLs written for `nix copy` keep working.
+const S3_PARAMS: &str = "endpoint, region, profile, scheme, addressing-style, compression, secret-key, multipart-upload, parallel-compression";
 
 impl TargetUrl {
     pub fn parse(url: &str) -> Result<Self, TargetError> {
@@ -52,13 +64,28 @@ impl TargetUrl {
                     params,
                 })
             }
+            "s3" => {
+                check_params(url, &params, S3_PARAMS)?;
+                let path = percent_decode(url, path)?;
+                let (bucket, prefix) = path.split_once('/').unwrap_or((&path, ""));
+                if bucket.is_empty() {
+                    return Err(TargetError::NoBucket(url.to_owned()));
+                }
+                Ok(TargetUrl::S3 {
+                    bucket: bucket.to_owned(),
+                    prefix: prefix.trim_matches('/').to_owned(),
+                    params,
+                })
+            }
             other => Err(TargetError::UnsupportedScheme(other.to_owned())),
         }
     }
 
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            TargetUrl::File { params, .. } => params.get(name).map(String::as_str),
+            TargetUrl::File { params, .. } | TargetUrl::S3 { params, .. } => {
+                params.get(name).map(String::as_str)
+            }
         }
     }
 }
@@ -134,6 +161,28 @@ mod tests {
         ));
         assert!(matches!(
             TargetUrl::parse("file:///x?bogus=1"),
+            Err(TargetError::UnknownParam { .. })
+        ));
+    }
+
+    #[test]
+    fn s3_urls() {
+        let t = TargetUrl::parse(
+            "s3://cache/team/nix/?endpoint=http%3A%2F%2F127.0.0.1%3A9000&region=garage",
+        )
+        .unwrap();
+        let TargetUrl::S3 { bucket, prefix, .. } = &t else {
+            panic!("{t:?}")
+        };
+        assert_eq!((bucket.as_str(), prefix.as_str()), ("cache", "team/nix"));
+        assert_eq!(t.param("endpoint"), Some("http://127.0.0.1:9000"));
+        assert_eq!(t.param("region"), Some("garage"));
+        assert!(matches!(
+            TargetUrl::parse("s3://?region=x"),
+            Err(TargetError::NoBucket(_))
+        ));
+        assert!(matches!(
+            TargetUrl::parse("s3://b?endpont=x"),
             Err(TargetError::UnknownParam { .. })
         ));
     }

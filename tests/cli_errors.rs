@@ -230,3 +230,24 @@ fn changed_store_path_is_not_published() {
     );
     assert_eq!(narinfos(&cache).len(), 4);
 }
+
+#[test]
+fn a_secret_key_readable_by_others_gets_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sk = tmp.path().join("k.sk");
+    run_ok(cachepush().arg("keygen").arg("perm-1").arg(&sk));
+    let top = shared_top();
+    // As written by keygen (0600): no warning.
+    let out = copy(&tmp.path().join("a"), Some(&sk), &[top]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("readable by others"));
+    // World-readable: the push still works, with a warning that says what to run.
+    std::fs::set_permissions(&sk, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = copy(&tmp.path().join("b"), Some(&sk), &[top]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("readable by others (mode 644)") && err.contains("chmod 600"),
+        "{err}"
+    );
+}

@@ -9,12 +9,6 @@ use std::process::Command;
 use cachepush::format::{NarInfo, PublicKey};
 use common::*;
 
-fn keygen(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
-    let sk = dir.join(format!("{name}.sk"));
-    let out = run_ok(cachepush().arg("keygen").arg(name).arg(&sk));
-    (sk, stdout(&out))
-}
-
 fn nix_keygen(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
     let sk = dir.join(format!("{name}.nix.sk"));
     let pk = dir.join(format!("{name}.nix.pk"));

@@ -36,11 +36,27 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey, Failure> {
         ))
     })?;
     let text = zeroize::Zeroizing::new(text);
+    warn_if_readable_by_others(path);
     SecretKey::parse(&text).map_err(|e| {
         Failure::input(format!("secret key file {}: {e}", path.display())).hint(
             "generate a key with `cachepush keygen NAME FILE` or `nix-store --generate-binary-cache-key NAME SK PK`",
         )
     })
+}
+
+/// A secret key that others can read is as good as published: say so (once, on stderr).
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "warning: secret key file {} is readable by others (mode {mode:o}); run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
 }
 
 fn create_new(path: &Path, mode: u32, text: &str) -> Result<(), Failure> {

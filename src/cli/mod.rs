@@ -7,13 +7,18 @@
 //! - 3: the target could not be reached or written before any path was sent;
 //! - 130: interrupted (Ctrl-C); nothing half-published is left visible.
 
+mod config;
+mod gateway;
 mod keys;
 mod output;
 mod push;
+mod s3args;
+mod verify;
+mod watch;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// An error at the CLI edge: one line for the user, and the exit status it maps to.
 #[derive(Debug)]
@@ -68,6 +73,24 @@ enum Command {
     Keygen(keys::KeygenArgs),
     /// Print the public key of a secret key file.
     Pubkey(keys::PubkeyArgs),
+    /// Serve a (private) bucket to Nix clients over HTTP, as a substituter.
+    Gateway(Box<gateway::GatewayArgs>),
+    /// Run a command (e.g. `nix build`) and publish every store path it produces, as they
+    /// appear; exit with the command's status.
+    WatchExec(Box<watch::WatchExecArgs>),
+    /// Publish new store paths and the post-build-hook queue until stopped.
+    WatchStore(Box<watch::WatchStoreArgs>),
+    /// For Nix's `post-build-hook`: queue $OUT_PATHS for `watch-store`; never fails a build.
+    PostBuildHook(watch::HookArgs),
+    /// Check a whole cache: every narinfo, its NAR, its references and signatures.
+    Verify(Box<verify::VerifyArgs>),
+    /// Print shell completions: bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `cachepush man | man -l -`.
+    Man,
 }
 
 pub fn main() -> ExitCode {
@@ -77,10 +100,29 @@ pub fn main() -> ExitCode {
         Command::Pubkey(a) => keys::pubkey(a),
         Command::Copy(a) => push::run_copy(a),
         Command::Push(a) => push::run_push(a),
+        Command::Gateway(a) => gateway::run(*a),
+        Command::WatchExec(a) => watch::run_watch_exec(*a),
+        Command::WatchStore(a) => watch::run_watch_store(*a),
+        Command::PostBuildHook(a) => Ok(watch::run_hook(a)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "cachepush",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => man(),
+        Command::Verify(a) => verify::run(*a),
     };
     match result {
         Ok(code) => code,
         Err(f) => {
+            if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
+                let esc = f.message.replace('%', "%25").replace('\n', "%0A");
+                println!("::error::{esc}");
+            }
             eprintln!("error: {}", f.message);
             if let Some(h) = f.hint {
                 eprintln!("hint: {h}");
@@ -88,4 +130,63 @@ pub fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, whichever comes first.
+pub async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A stop request (SIGINT or SIGTERM) that every part of a long-running command can watch,
+/// with one signal listener for the whole process so that no signal is missed between
+/// rounds.
+pub fn stop_signal() -> tokio::sync::watch::Receiver<bool> {
+    static STOP: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>> =
+        std::sync::OnceLock::new();
+    STOP.get_or_init(|| {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            interrupted().await;
+            let _ = tx.send(true);
+            // Keep the sender alive: a dropped sender would read as "stopped" forever.
+            std::future::pending::<()>().await;
+        });
+        rx
+    })
+    .clone()
+}
+
+/// Resolves once a stop was requested.
+pub async fn until_stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|stopped| *stopped).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn man() -> Result<ExitCode, Failure> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut out)
+        .map_err(|e| Failure::input(format!("rendering the manual page: {e}")))?;
+    std::io::Write::write_all(&mut std::io::stdout(), &out)
+        .map_err(|e| Failure::input(format!("writing the manual page: {e}")))?;
+    Ok(ExitCode::SUCCESS)
 }

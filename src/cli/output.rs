@@ -1,6 +1,7 @@
 //! What the user sees while a push runs: progress bars on a terminal, plain timestamped
 //! lines elsewhere (CI logs), nothing but errors with `-q`.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +18,9 @@ pub enum Level {
 
 pub struct Output {
     level: Level,
+    /// Running under GitHub Actions: errors become `::error::` annotations, long listings
+    /// are folded into `::group::`s, and secrets are masked.
+    gha: bool,
     bars: Option<Bars>,
     lock: Mutex<()>,
 }
@@ -25,6 +29,8 @@ struct Bars {
     multi: MultiProgress,
     paths: ProgressBar,
     bytes: ProgressBar,
+    /// One spinner line per NAR upload in flight, by store-path hash.
+    uploads: Mutex<HashMap<String, ProgressBar>>,
 }
 
 /// `HH:MM:SS` in UTC, enough to read a CI log without pulling in a date library.
@@ -41,6 +47,7 @@ impl Output {
     pub fn new(level: Level) -> Self {
         Output {
             level,
+            gha: std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true"),
             bars: None,
             lock: Mutex::new(()),
         }
@@ -70,7 +77,36 @@ impl Output {
             multi,
             paths: paths_bar,
             bytes: bytes_bar,
+            uploads: Mutex::new(HashMap::new()),
         });
+    }
+
+    /// A NAR upload began: a line of its own on a terminal, a log line with `-v` elsewhere.
+    pub fn upload_started(&self, id: &str, name: &str, nar_bytes: u64) {
+        let Some(b) = &self.bars else {
+            self.verbose(&format!("uploading {name} ({})", human_bytes(nar_bytes)));
+            return;
+        };
+        let bar = b.multi.add(ProgressBar::new_spinner());
+        bar.set_style(
+            ProgressStyle::with_template("  {spinner} {msg} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(format!("{name} ({})", human_bytes(nar_bytes)));
+        bar.enable_steady_tick(Duration::from_millis(200));
+        if let Ok(mut m) = b.uploads.lock() {
+            m.insert(id.to_owned(), bar);
+        }
+    }
+
+    pub fn upload_finished(&self, id: &str) {
+        if let Some(b) = &self.bars
+            && let Ok(mut m) = b.uploads.lock()
+            && let Some(bar) = m.remove(id)
+        {
+            bar.finish_and_clear();
+            b.multi.remove(&bar);
+        }
     }
 
     pub fn path_done(&self, nar_bytes: u64) {
@@ -87,6 +123,11 @@ impl Output {
 
     pub fn finish_progress(&mut self) {
         if let Some(b) = self.bars.take() {
+            if let Ok(mut m) = b.uploads.lock() {
+                for (_, bar) in m.drain() {
+                    bar.finish_and_clear();
+                }
+            }
             b.paths.finish_and_clear();
             b.bytes.finish_and_clear();
             let _ = b.multi.clear();
@@ -115,14 +156,51 @@ impl Output {
         }
     }
 
+    /// A line per path: shown with -v, and in GitHub Actions (folded in a group there).
+    pub fn detail(&self, text: &str) {
+        if self.level >= Level::Verbose || (self.gha && self.level >= Level::Normal) {
+            self.line(text);
+        }
+    }
+
     pub fn warn(&self, text: &str) {
         if self.level >= Level::Normal {
+            if self.gha {
+                println!("::warning::{}", gha_escape(text));
+            }
             self.line(&format!("warning: {text}"));
         }
     }
 
     pub fn error(&self, text: &str) {
+        if self.gha {
+            // An annotation on the run's summary page, and the line in the log.
+            println!("::error::{}", gha_escape(text));
+        }
         self.line(&format!("error: {text}"));
+    }
+
+    /// Starts a foldable group in a GitHub Actions log; a no-op elsewhere.
+    pub fn group(&self, title: &str) {
+        if self.gha && self.level >= Level::Normal {
+            println!("::group::{}", gha_escape(title));
+        }
+    }
+
+    pub fn end_group(&self) {
+        if self.gha && self.level >= Level::Normal {
+            println!("::endgroup::");
+        }
+    }
+
+    /// Asks GitHub Actions to hide the key's secret text should it ever reach the log.
+    pub fn mask_secret_key(&self, key: Option<&cachepush::format::SecretKey>) {
+        if let (true, Some(k)) = (self.gha, key) {
+            let text = k.to_file_text();
+            if let Some((_, secret)) = text.split_once(':') {
+                println!("::add-mask::{secret}");
+            }
+        }
     }
 }
 
@@ -140,4 +218,11 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// Workflow commands end at a newline; `%`, CR and LF must be escaped inside them.
+fn gha_escape(s: &str) -> String {
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
 }

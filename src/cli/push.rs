@@ -1,4 +1,5 @@
-//! `cachepush copy --to URL PATHS...` and `cachepush push URL PATHS...`.
+//! `cachepush copy --to URL PATHS...` and `cachepush push [URL] PATHS...`, and the
+//! [`Pusher`] that the watch commands share with them.
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -8,45 +9,71 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cachepush::compression::Compression;
 use cachepush::format::{CacheInfo, SecretKey, StorePath};
-use cachepush::push::{self, Event, PushOptions, Report};
-use cachepush::storage::{LocalDir, Storage, content_type};
+use cachepush::push::{self, Event, PlanOptions, PushOptions, Report};
+use cachepush::storage::{LocalDir, RequestStats, S3Bucket, Storage, content_type};
 use cachepush::store::{LocalStore, StoreError};
 use cachepush::target::TargetUrl;
+use cachepush::upstream::Upstream;
 use clap::Args;
 
-use super::Failure;
+use super::config::{self, FileSettings};
 use super::keys::read_secret_key;
 use super::output::{Level, Output, human_bytes};
+use super::s3args::S3Args;
+use super::{Failure, stop_signal, until_stopped};
 
 #[derive(Args, Debug)]
 pub struct CopyArgs {
-    /// The binary cache to publish to: file:///DIR.
+    /// The binary cache to publish to: s3://BUCKET[/PREFIX]?endpoint=URL&region=R or
+    /// file:///DIR [default: `to` in cachepush.toml].
     #[arg(long = "to", value_name = "URL", env = "CACHEPUSH_TO")]
-    to: String,
+    to: Option<String>,
+    /// Store paths, or symlinks to them (./result, a profile, a gc-root).
+    #[arg(value_name = "PATH")]
+    paths: Vec<PathBuf>,
     #[command(flatten)]
-    opts: PushOpts,
+    select: Selection,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 #[derive(Args, Debug)]
 pub struct PushArgs {
-    /// The binary cache to publish to: file:///DIR.
-    #[arg(value_name = "URL")]
-    url: String,
+    /// The cache URL (optional when CACHEPUSH_TO or cachepush.toml names one), then store
+    /// paths or symlinks to them.
+    #[arg(value_name = "[URL] PATH")]
+    args: Vec<String>,
     #[command(flatten)]
-    opts: PushOpts,
+    select: Selection,
+    #[command(flatten)]
+    settings: Settings,
 }
 
+/// What to publish and how to report it, for one-shot pushes.
 #[derive(Args, Debug)]
-pub struct PushOpts {
-    /// Store paths, or symlinks to them (./result, a profile, a gc-root).
-    #[arg(value_name = "PATH")]
-    paths: Vec<PathBuf>,
+pub struct Selection {
     /// Read more paths from standard input, one per line.
     #[arg(long)]
     stdin: bool,
     /// Publish only the given paths, not everything they refer to.
     #[arg(long)]
     no_closure: bool,
+    /// Print the plan and stop; nothing is written.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also check that every narinfo already in the cache has its NAR, and push again the
+    /// paths whose NAR is missing.
+    #[arg(long)]
+    repair: bool,
+    /// Print one JSON summary object on stdout at the end.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How to publish: shared by `copy`, `push` and the watch commands. Every value can also
+/// come from cachepush.toml.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Settings {
     /// Secret key file to sign narinfos with. The key text itself may instead be given in
     /// the environment variable CACHEPUSH_SIGNING_KEY (for CI secrets).
     #[arg(long, value_name = "FILE", env = "CACHEPUSH_SIGNING_KEY_FILE")]
@@ -57,16 +84,41 @@ pub struct PushOpts {
     /// Compression level (zstd 1-19, default 3; xz 0-9, default 6).
     #[arg(long, value_name = "N", env = "CACHEPUSH_COMPRESSION_LEVEL")]
     compression_level: Option<i32>,
-    /// Uploads in flight at once.
-    #[arg(short, long, value_name = "N", env = "CACHEPUSH_JOBS", default_value_t = 8,
+    /// NAR uploads in flight at once [default: 16]. Small paths are latency-bound, so many
+    /// in flight pay off; memory for large NARs is about (jobs + 8) x part size at worst.
+    #[arg(short, long, value_name = "N", env = "CACHEPUSH_JOBS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
-    jobs: u16,
-    /// Print the plan and stop; nothing is written.
-    #[arg(long)]
-    dry_run: bool,
-    /// Print one JSON summary object on stdout at the end.
-    #[arg(long)]
-    json: bool,
+    jobs: Option<u16>,
+    /// Skip paths that this binary cache already serves (e.g. https://cache.nixos.org);
+    /// repeatable. Clients must list it as a substituter too.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CACHEPUSH_UPSTREAM",
+        value_delimiter = ' '
+    )]
+    upstream: Vec<String>,
+    /// Skip paths whose local signatures include this key name (e.g. cache.nixos.org-1);
+    /// repeatable.
+    #[arg(
+        long,
+        value_name = "KEYNAME",
+        env = "CACHEPUSH_SKIP_SIGNED_BY",
+        value_delimiter = ' '
+    )]
+    skip_signed_by: Vec<String>,
+    #[command(flatten)]
+    s3: S3Args,
+    /// Multipart part size in MiB (at least 5); NARs smaller than one part go in one PUT
+    /// [default: 16].
+    #[arg(long, value_name = "MIB", env = "CACHEPUSH_PART_SIZE",
+          value_parser = clap::value_parser!(u32).range(5..=5120))]
+    part_size: Option<u32>,
+    /// When no credentials are available (a pull request from a fork, where CI secrets are
+    /// empty), warn and exit 0 instead of failing.
+    #[arg(long, env = "CACHEPUSH_SKIP_IF_NO_CREDENTIALS",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    skip_if_no_credentials: bool,
     /// More output (each path as it is published).
     #[arg(short, long, conflicts_with = "quiet")]
     verbose: bool,
@@ -76,24 +128,67 @@ pub struct PushOpts {
 }
 
 pub fn run_copy(a: CopyArgs) -> Result<ExitCode, Failure> {
-    run(&a.to, a.opts)
+    let file = config::load()?;
+    let url =
+        a.to.clone()
+            .or_else(|| file.to.clone())
+            .ok_or_else(no_target)?;
+    one_shot(&url, a.paths, &a.select, &a.settings, &file)
 }
 
 pub fn run_push(a: PushArgs) -> Result<ExitCode, Failure> {
-    run(&a.url, a.opts)
+    let file = config::load()?;
+    let mut args = a.args.into_iter().peekable();
+    // The first argument is the URL when it looks like one; otherwise every argument is a
+    // path and the URL comes from CACHEPUSH_TO or cachepush.toml.
+    let url = match args.peek() {
+        Some(first) if first.contains("://") => args.next(),
+        _ => std::env::var("CACHEPUSH_TO")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| file.to.clone()),
+    }
+    .ok_or_else(no_target)?;
+    let paths = args.map(PathBuf::from).collect();
+    one_shot(&url, paths, &a.select, &a.settings, &file)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+fn no_target() -> Failure {
+    Failure::input("no cache to publish to").hint(
+        "give a URL (s3://BUCKET?endpoint=... or file:///DIR), set CACHEPUSH_TO, or put `to = \"...\"` in cachepush.toml",
+    )
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::input(format!("cannot start the async runtime: {e}")))
 }
 
+fn level(s: &Settings) -> Level {
+    if s.quiet {
+        Level::Quiet
+    } else if s.verbose {
+        Level::Verbose
+    } else {
+        Level::Normal
+    }
+}
+
+/// What an empty CI secret looks like: the variable is there, with nothing in it.
+fn present_but_empty(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| v.is_empty())
+}
+
 /// The signing key from --signing-key / CACHEPUSH_SIGNING_KEY_FILE, CACHEPUSH_SIGNING_KEY,
-/// or the URL's `secret-key` parameter, in that order.
-fn signing_key(opts: &PushOpts, url: &TargetUrl) -> Result<Option<SecretKey>, Failure> {
-    if let Some(path) = &opts.signing_key {
+/// the URL's `secret-key` parameter, or cachepush.toml, in that order.
+fn signing_key(
+    s: &Settings,
+    url: &TargetUrl,
+    file: &FileSettings,
+) -> Result<Option<SecretKey>, Failure> {
+    if let Some(path) = &s.signing_key {
         return read_secret_key(path).map(Some);
     }
     if let Ok(text) = std::env::var("CACHEPUSH_SIGNING_KEY") {
@@ -104,17 +199,21 @@ fn signing_key(opts: &PushOpts, url: &TargetUrl) -> Result<Option<SecretKey>, Fa
                 .map_err(|e| Failure::input(format!("CACHEPUSH_SIGNING_KEY: {e}")));
         }
     }
-    match url.param("secret-key") {
-        Some(p) => read_secret_key(&PathBuf::from(p)).map(Some),
+    if let Some(p) = url.param("secret-key") {
+        return read_secret_key(&PathBuf::from(p)).map(Some);
+    }
+    match &file.signing_key_file {
+        Some(p) => read_secret_key(p).map(Some),
         None => Ok(None),
     }
 }
 
-fn compression(opts: &PushOpts, url: &TargetUrl) -> Result<Compression, Failure> {
-    let name = opts
+fn compression(s: &Settings, url: &TargetUrl, file: &FileSettings) -> Result<Compression, Failure> {
+    let name = s
         .compression
         .as_deref()
         .or(url.param("compression"))
+        .or(file.compression.as_deref())
         .unwrap_or("zstd");
     let mut c: Compression = name.parse().map_err(Failure::input)?;
     if let Compression::Zstd { level, .. } = c {
@@ -122,15 +221,19 @@ fn compression(opts: &PushOpts, url: &TargetUrl) -> Result<Compression, Failure>
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         c = Compression::Zstd { level, threads };
     }
-    match opts.compression_level {
+    match s.compression_level.or(file.compression_level) {
         Some(l) => c.with_level(l).map_err(Failure::input),
         None => Ok(c),
     }
 }
 
-fn roots(opts: &PushOpts, store: &LocalStore) -> Result<Vec<StorePath>, Failure> {
-    let mut args = opts.paths.clone();
-    if opts.stdin {
+/// Resolves path arguments (store paths, ./result, profiles) and `--stdin` lines.
+pub fn resolve_roots(
+    store: &LocalStore,
+    mut args: Vec<PathBuf>,
+    stdin: bool,
+) -> Result<Vec<StorePath>, Failure> {
+    if stdin {
         for line in std::io::stdin().lock().lines() {
             let line = line.map_err(|e| Failure::input(format!("reading standard input: {e}")))?;
             let line = line.trim();
@@ -156,43 +259,184 @@ fn store_failure(e: StoreError) -> Failure {
     Failure::input(e.to_string())
 }
 
-fn run(url: &str, opts: PushOpts) -> Result<ExitCode, Failure> {
-    let level = if opts.quiet {
-        Level::Quiet
-    } else if opts.verbose {
-        Level::Verbose
-    } else {
-        Level::Normal
-    };
-    let target = TargetUrl::parse(url).map_err(|e| Failure::input(e.to_string()))?;
-    let key = signing_key(&opts, &target)?;
-    let compression = compression(&opts, &target)?;
-    let store = LocalStore::from_env().map_err(store_failure)?;
-    let roots = roots(&opts, &store)?;
-    let mut out = Output::new(level);
-    if key.is_none() {
-        out.warn("no signing key given (--signing-key or CACHEPUSH_SIGNING_KEY): narinfos will carry only the signatures the store already has, and Nix refuses unsigned paths unless require-sigs = false");
-    }
-    let push_opts = PushOptions {
-        compression,
-        jobs: opts.jobs as usize,
-        signing_key: key.map(Arc::new),
-    };
+fn one_shot(
+    url: &str,
+    paths: Vec<PathBuf>,
+    select: &Selection,
+    settings: &Settings,
+    file: &FileSettings,
+) -> Result<ExitCode, Failure> {
     let rt = runtime()?;
-    match target {
-        TargetUrl::File { dir, .. } => {
-            let storage = LocalDir::open(&dir)
-                .map_err(|e| Failure::target(format!("cannot open the cache directory: {e}")))?;
-            rt.block_on(run_with(
-                store,
-                Arc::new(storage),
-                roots,
-                &opts,
-                &push_opts,
-                &mut out,
-            ))
+    let store = LocalStore::from_env().map_err(store_failure)?;
+    let roots = resolve_roots(&store, paths, select.stdin)?;
+    rt.block_on(async {
+        let Some(mut pusher) = Pusher::connect(url, settings, file).await? else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        pusher.plan_opts.repair = select.repair;
+        let outcome = pusher
+            .push(roots, !select.no_closure, select.dry_run, select.json)
+            .await?;
+        Ok(outcome.exit_code())
+    })
+}
+
+enum Backend {
+    Local(Arc<LocalDir>),
+    S3(Arc<S3Bucket>),
+}
+
+/// A connected target with everything needed to publish to it, reused across batches.
+pub struct Pusher {
+    pub store: LocalStore,
+    backend: Backend,
+    push_opts: PushOptions,
+    pub plan_opts: PlanOptions,
+    pub out: Output,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// How a push ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done { pushed: usize, failed: usize },
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> ExitCode {
+        match self {
+            Outcome::Done { failed: 0, .. } => ExitCode::SUCCESS,
+            Outcome::Done { .. } => ExitCode::from(1),
+            Outcome::Interrupted => ExitCode::from(130),
         }
     }
+}
+
+impl Pusher {
+    /// Connects to `url` with `settings` over `file`. `Ok(None)`: there are no credentials
+    /// and `--skip-if-no-credentials` asked for a clean skip (already reported).
+    pub async fn connect(
+        url: &str,
+        settings: &Settings,
+        file: &FileSettings,
+    ) -> Result<Option<Pusher>, Failure> {
+        let out = Output::new(level(settings));
+        let target = TargetUrl::parse(url).map_err(|e| Failure::input(e.to_string()))?;
+        let skip = |out: &Output, why: &str| {
+            out.warn(&format!(
+                "{why}; skipping the push (--skip-if-no-credentials / CACHEPUSH_SKIP_IF_NO_CREDENTIALS)"
+            ));
+            Ok(None)
+        };
+        if settings.skip_if_no_credentials && present_but_empty("CACHEPUSH_SIGNING_KEY") {
+            return skip(&out, "CACHEPUSH_SIGNING_KEY is empty");
+        }
+        let key = signing_key(settings, &target, file)?;
+        out.mask_secret_key(key.as_ref());
+        let compression = compression(settings, &target, file)?;
+        let upstream_urls = if settings.upstream.is_empty() {
+            file.upstream.clone().unwrap_or_default()
+        } else {
+            settings.upstream.clone()
+        };
+        let upstreams = upstream_urls
+            .iter()
+            .filter(|u| !u.is_empty())
+            .map(|u| Upstream::new(u).map_err(|e| Failure::input(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let skip_signed_by = if settings.skip_signed_by.is_empty() {
+            file.skip_signed_by.clone().unwrap_or_default()
+        } else {
+            settings.skip_signed_by.clone()
+        };
+        let jobs = settings.jobs.or(file.jobs).unwrap_or(16).max(1) as usize;
+        let store = LocalStore::from_env().map_err(store_failure)?;
+        let backend = match &target {
+            TargetUrl::File { dir, .. } => {
+                Backend::Local(Arc::new(LocalDir::open(dir).map_err(|e| {
+                    Failure::target(format!("cannot open the cache directory: {e}"))
+                })?))
+            }
+            TargetUrl::S3 { .. } => {
+                let s3 = S3Args {
+                    endpoint: settings.s3.endpoint.clone().or(file.endpoint.clone()),
+                    region: settings.s3.region.clone().or(file.region.clone()),
+                    profile: settings.s3.profile.clone().or(file.profile.clone()),
+                    addressing_style: settings
+                        .s3
+                        .addressing_style
+                        .clone()
+                        .or(file.addressing_style.clone()),
+                    read_timeout: settings.s3.read_timeout,
+                };
+                let mut cfg = s3.config(&target)?;
+                cfg.part_size =
+                    settings.part_size.or(file.part_size).unwrap_or(16) as usize * (1 << 20);
+                let bucket = S3Bucket::connect(cfg)
+                    .await
+                    .map_err(|e| Failure::target(e.to_string()))?;
+                if settings.skip_if_no_credentials && !bucket.has_credentials().await {
+                    return skip(&out, "no S3 credentials are available");
+                }
+                Backend::S3(Arc::new(bucket))
+            }
+        };
+        if key.is_none() {
+            out.warn("no signing key given (--signing-key or CACHEPUSH_SIGNING_KEY): narinfos will carry only the signatures the store already has, and Nix refuses unsigned paths unless require-sigs = false");
+        }
+        Ok(Some(Pusher {
+            store,
+            backend,
+            push_opts: PushOptions {
+                compression,
+                jobs,
+                signing_key: key.map(Arc::new),
+            },
+            plan_opts: PlanOptions {
+                // HEADs are small: more of them in flight hides the round-trip time.
+                concurrency: (jobs * 4).clamp(16, 256),
+                skip_signed_by,
+                upstreams,
+                repair: false,
+            },
+            out,
+            stop: stop_signal(),
+        }))
+    }
+
+    /// Publishes `roots` (and their closure when `closure`).
+    pub async fn push(
+        &mut self,
+        roots: Vec<StorePath>,
+        closure: bool,
+        dry_run: bool,
+        json: bool,
+    ) -> Result<Outcome, Failure> {
+        let req = Request {
+            roots,
+            closure,
+            dry_run,
+            json,
+        };
+        match &self.backend {
+            Backend::Local(s) => {
+                let s = s.clone();
+                self.run(s, req).await
+            }
+            Backend::S3(s) => {
+                let s = s.clone();
+                self.run(s, req).await
+            }
+        }
+    }
+}
+
+struct Request {
+    roots: Vec<StorePath>,
+    closure: bool,
+    dry_run: bool,
+    json: bool,
 }
 
 /// Creates `nix-cache-info` when missing; refuses a cache made for another store directory.
@@ -237,107 +481,181 @@ async fn ensure_cache_info<S: Storage>(storage: &S, store: &LocalStore) -> Resul
     Ok(())
 }
 
-async fn run_with<S: Storage>(
-    store: LocalStore,
-    storage: Arc<S>,
-    roots: Vec<StorePath>,
-    opts: &PushOpts,
-    push_opts: &PushOptions,
-    out: &mut Output,
-) -> Result<ExitCode, Failure> {
-    let closure = store
-        .query(&roots, !opts.no_closure)
-        .await
-        .map_err(store_failure)?;
-    if !opts.dry_run {
-        ensure_cache_info(&*storage, &store).await?;
-    }
-    let plan = push::plan(&*storage, closure, push_opts.jobs * 4)
-        .await
-        .map_err(|e| {
-            Failure::target(format!("cannot check what {} has: {e}", storage.describe()))
-        })?;
-    out.info(&format!(
-        "{} paths in the closure, {} already in {}, {} to push ({} of NAR, compression {})",
-        plan.closure,
-        plan.present.len(),
-        storage.describe(),
-        plan.to_send.len(),
-        human_bytes(plan.nar_bytes_to_send()),
-        push_opts.compression,
-    ));
-    if opts.dry_run {
-        for p in &plan.to_send {
-            out.info(&format!(
-                "would push {}",
-                store.store_dir().display(&p.path)
+impl Pusher {
+    async fn run<S: Storage>(&mut self, storage: Arc<S>, req: Request) -> Result<Outcome, Failure> {
+        let Request {
+            roots,
+            closure,
+            dry_run,
+            json,
+        } = req;
+        let store = self.store.clone();
+        let mut stop = self.stop.clone();
+        let push_opts = self.push_opts.clone();
+        let plan_opts = &self.plan_opts;
+        let out = &mut self.out;
+        let closure = store.query(&roots, closure).await.map_err(store_failure)?;
+        let plan = push::plan(&*storage, closure, plan_opts)
+            .await
+            .map_err(|e| {
+                Failure::target(format!("cannot check what {} has: {e}", storage.describe()))
+            })?;
+        for p in &plan.repaired {
+            out.warn(&format!(
+                "{}: its narinfo is in the cache but its NAR is not; pushing it again",
+                store.store_dir().display(p)
             ));
         }
-        if opts.json {
-            print_json(
-                &Report {
-                    skipped: plan.present.len(),
-                    ..Report::default()
-                },
-                plan.to_send.len(),
-                true,
-            );
+        for e in &plan.upstream_errors {
+            out.warn(&format!(
+                "upstream lookup failed, pushing the path anyway: {e}"
+            ));
         }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let to_send = plan.to_send.len();
-    out.start_progress(to_send as u64, plan.nar_bytes_to_send());
-    let dir = store.store_dir().clone();
-    let report = {
-        let out_ref = &*out;
-        let on_event = |e: Event<'_>| match e {
-            Event::NarStarted { .. } => {}
-            Event::NarDone { nar_size, .. } => out_ref.path_done(nar_size),
-            Event::Published { path } => {
-                out_ref.path_published();
-                out_ref.verbose(&format!("pushed {}", dir.display(path)));
+        let mut line = format!(
+            "{} paths in the closure, {} already in {}",
+            plan.closure,
+            plan.present.len(),
+            storage.describe()
+        );
+        if !plan_opts.upstreams.is_empty() {
+            line.push_str(&format!(", {} available upstream", plan.upstream.len()));
+        }
+        if !plan_opts.skip_signed_by.is_empty() {
+            line.push_str(&format!(
+                ", {} signed by {}",
+                plan.signed_elsewhere.len(),
+                plan_opts.skip_signed_by.join(", ")
+            ));
+        }
+        line.push_str(&format!(
+            "; {} to push ({} of NAR, compression {})",
+            plan.to_send.len(),
+            human_bytes(plan.nar_bytes_to_send()),
+            push_opts.compression,
+        ));
+        out.info(&line);
+        let dir = store.store_dir().clone();
+        if dry_run {
+            out.group(&format!("{} paths would be pushed", plan.to_send.len()));
+            for p in &plan.to_send {
+                out.info(&format!(
+                    "would push {} ({})",
+                    dir.display(&p.path),
+                    human_bytes(p.nar_size)
+                ));
             }
-            Event::Failed { path, error } => {
-                out_ref.error(&format!("{}: {error}", dir.display(path)))
+            out.end_group();
+            if json {
+                let report = Report {
+                    skipped: plan.skipped(),
+                    ..Report::default()
+                };
+                print_json(&report, &plan, storage.stats(), true);
+            }
+            return Ok(Outcome::Done {
+                pushed: 0,
+                failed: 0,
+            });
+        }
+        if !plan.to_send.is_empty() {
+            ensure_cache_info(&*storage, &store).await?;
+        }
+        let to_send = plan.to_send.len();
+        let counts = PlanCounts::of(&plan);
+        out.group(&format!("pushing {to_send} paths"));
+        out.start_progress(to_send as u64, plan.nar_bytes_to_send());
+        let report = {
+            let out_ref = &*out;
+            let on_event = |e: Event<'_>| match e {
+                Event::NarStarted { path, nar_size } => {
+                    out_ref.upload_started(path.hash_part(), path.name(), nar_size)
+                }
+                Event::NarDone { path, nar_size, .. } => {
+                    out_ref.upload_finished(path.hash_part());
+                    out_ref.path_done(nar_size)
+                }
+                Event::Published { path } => {
+                    out_ref.path_published();
+                    out_ref.detail(&format!("pushed {}", dir.display(path)));
+                }
+                Event::Failed { path, error } => {
+                    out_ref.upload_finished(path.hash_part());
+                    out_ref.error(&format!("{}: {error}", dir.display(path)))
+                }
+            };
+            let exec = push::execute(&store, storage.clone(), plan, &push_opts, &on_event);
+            tokio::select! {
+                r = exec => r,
+                _ = until_stopped(&mut stop) => {
+                    // Dropping the pipeline stops every upload. Narinfos are only ever written
+                    // whole and after their NARs, so what is visible stays consistent; open
+                    // multipart uploads are aborted here so none is left behind (and billed).
+                    out.finish_progress();
+                    let aborted = storage.abort_open_uploads().await;
+                    out.error(&format!(
+                        "interrupted ({aborted} unfinished uploads aborted); nothing half-published is visible, re-run the same command to finish the push"
+                    ));
+                    return Ok(Outcome::Interrupted);
+                }
             }
         };
-        let exec = push::execute(&store, storage.clone(), plan, push_opts, &on_event);
-        tokio::select! {
-            r = exec => r,
-            _ = tokio::signal::ctrl_c() => {
-                // Dropping the pipeline aborts every upload; narinfos are only ever written
-                // whole and after their NARs, so what is visible stays consistent.
-                out.finish_progress();
-                out.error("interrupted; re-run the same command to finish the push");
-                return Ok(ExitCode::from(130));
+        out.finish_progress();
+        out.end_group();
+        // A safety net: every failed upload aborted itself, so this normally finds none.
+        storage.abort_open_uploads().await;
+        let failed = report.failed.len();
+        out.info(&format!(
+            "pushed {} paths ({} NAR, {} sent), skipped {}, failed {} in {:.1}s",
+            report.pushed,
+            human_bytes(report.nar_bytes),
+            human_bytes(report.sent_bytes),
+            report.skipped,
+            failed,
+            report.seconds
+        ));
+        if json {
+            print_json_counts(&report, counts, storage.stats(), false);
+        }
+        if failed > 0 {
+            eprintln!("error: {failed} of {to_send} paths were not published:");
+            for (p, e) in &report.failed {
+                eprintln!("  {}: {e}", dir.display(p));
             }
         }
-    };
-    out.finish_progress();
-    let failed = report.failed.len();
-    out.info(&format!(
-        "pushed {} paths ({} NAR, {} sent), skipped {}, failed {} in {:.1}s",
-        report.pushed,
-        human_bytes(report.nar_bytes),
-        human_bytes(report.sent_bytes),
-        report.skipped,
-        failed,
-        report.seconds
-    ));
-    if opts.json {
-        print_json(&report, 0, false);
+        Ok(Outcome::Done {
+            pushed: report.pushed,
+            failed,
+        })
     }
-    if failed > 0 {
-        eprintln!("error: {failed} of {to_send} paths were not published:");
-        for (p, e) in &report.failed {
-            eprintln!("  {}: {e}", store.store_dir().display(p));
-        }
-        return Ok(ExitCode::from(1));
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
-fn print_json(r: &Report, would_push: usize, dry_run: bool) {
+/// How the plan split the closure, kept for the summary after the plan is consumed.
+#[derive(Clone, Copy, Debug)]
+struct PlanCounts {
+    closure: usize,
+    present: usize,
+    upstream: usize,
+    signed_elsewhere: usize,
+    to_send: usize,
+}
+
+impl PlanCounts {
+    fn of(p: &push::Plan) -> Self {
+        PlanCounts {
+            closure: p.closure,
+            present: p.present.len(),
+            upstream: p.upstream.len(),
+            signed_elsewhere: p.signed_elsewhere.len(),
+            to_send: p.to_send.len(),
+        }
+    }
+}
+
+fn print_json(r: &Report, plan: &push::Plan, requests: RequestStats, dry_run: bool) {
+    print_json_counts(r, PlanCounts::of(plan), requests, dry_run)
+}
+
+fn print_json_counts(r: &Report, plan: PlanCounts, requests: RequestStats, dry_run: bool) {
     let failed: Vec<serde_json::Value> = r
         .failed
         .iter()
@@ -345,14 +663,28 @@ fn print_json(r: &Report, would_push: usize, dry_run: bool) {
         .collect();
     let v = serde_json::json!({
         "dry_run": dry_run,
+        "closure": plan.closure,
+        "present": plan.present,
+        "upstream": plan.upstream,
+        "signed_elsewhere": plan.signed_elsewhere,
+        "to_push": plan.to_send,
         "pushed": r.pushed,
         "skipped": r.skipped,
         "failed": r.failed.len(),
-        "would_push": would_push,
         "failures": failed,
         "nar_bytes": r.nar_bytes,
         "sent_bytes": r.sent_bytes,
         "seconds": r.seconds,
+        "requests": requests,
+        "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{v}");
+}
+
+/// The most memory this process has held (VmHWM), to show it does not grow with NAR size.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

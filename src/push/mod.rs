@@ -11,7 +11,7 @@
 mod plan;
 mod upload;
 
-pub use plan::{Plan, plan};
+pub use plan::{Plan, PlanOptions, plan};
 pub use upload::{Event, PushOptions, Report, execute};
 
 use thiserror::Error;

@@ -1,51 +1,144 @@
-//! Deciding what to send: a narinfo present in the target means the path is there.
+//! Deciding what to send, before anything is written.
+//!
+//! A path is skipped when, in this order:
+//! 1. its narinfo is in the target (HEAD, never a listing: listings lag on some stores);
+//! 2. its local signatures include a key named by `--skip-signed-by` (e.g. paths built by
+//!    Hydra and signed `cache.nixos.org-1`, which clients get from there);
+//! 3. an `--upstream` cache serves its narinfo.
 
 use futures::{StreamExt, TryStreamExt};
 
 use crate::storage::{Storage, StorageError};
 use crate::store::PathInfo;
+use crate::upstream::{Upstream, UpstreamError};
 
-/// The closure split into what the target has and what it lacks.
+/// The closure split by what happens to each path.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Every path considered, in dependency order.
+    /// Every path considered.
     pub closure: usize,
     /// Paths whose narinfo is already in the target.
     pub present: Vec<PathInfo>,
+    /// Paths skipped because they carry a signature by a `--skip-signed-by` key.
+    pub signed_elsewhere: Vec<PathInfo>,
+    /// Paths skipped because an upstream cache serves them.
+    pub upstream: Vec<PathInfo>,
     /// Paths to publish, in dependency order.
     pub to_send: Vec<PathInfo>,
+    /// Upstream lookups that failed; those paths are pushed (pushing too much is safe).
+    pub upstream_errors: Vec<UpstreamError>,
+    /// Paths whose narinfo was present but whose NAR was not (`repair`); also in `to_send`.
+    pub repaired: Vec<crate::format::StorePath>,
 }
 
 impl Plan {
     pub fn nar_bytes_to_send(&self) -> u64 {
         self.to_send.iter().map(|p| p.nar_size).sum()
     }
+
+    /// Paths not sent, for whatever reason.
+    pub fn skipped(&self) -> usize {
+        self.present.len() + self.signed_elsewhere.len() + self.upstream.len()
+    }
 }
 
-/// Checks which narinfos exist, with at most `concurrency` requests in flight.
+/// What to skip besides what the target has.
+#[derive(Debug, Default)]
+pub struct PlanOptions {
+    /// Requests in flight at once, to the target and to each upstream.
+    pub concurrency: usize,
+    pub skip_signed_by: Vec<String>,
+    pub upstreams: Vec<Upstream>,
+    /// Check that each present narinfo's NAR exists too, and push again the paths whose
+    /// NAR is missing (a cache damaged by another tool or a deleted object).
+    pub repair: bool,
+}
+
+/// Checks which narinfos exist, with at most `opts.concurrency` requests in flight.
 pub async fn plan<S: Storage>(
     storage: &S,
     closure: Vec<PathInfo>,
-    concurrency: usize,
+    opts: &PlanOptions,
 ) -> Result<Plan, StorageError> {
-    let total = closure.len();
+    let concurrency = opts.concurrency.max(1);
+    let mut plan = Plan {
+        closure: closure.len(),
+        ..Plan::default()
+    };
     let checks = futures::stream::iter(closure.into_iter().map(|info| async move {
         let key = format!("{}.narinfo", info.path.hash_part());
         storage.head(&key).await.map(|h| (info, h.is_some()))
     }))
-    .buffered(concurrency.max(1))
+    .buffered(concurrency)
     .try_collect::<Vec<_>>()
     .await?;
-    let mut plan = Plan {
-        closure: total,
-        ..Plan::default()
+    let mut missing = Vec::new();
+    let checks = if opts.repair {
+        futures::stream::iter(checks.into_iter().map(|(info, present)| async move {
+            if !present {
+                return Ok((info, false, false));
+            }
+            let broken = nar_missing(storage, &info).await?;
+            Ok::<_, StorageError>((info, !broken, broken))
+        }))
+        .buffered(concurrency)
+        .try_collect::<Vec<_>>()
+        .await?
+    } else {
+        checks.into_iter().map(|(i, p)| (i, p, false)).collect()
     };
-    for (info, present) in checks {
-        if present {
+    for (info, present, broken) in checks {
+        if broken {
+            plan.repaired.push(info.path.clone());
+            missing.push(info);
+        } else if present {
             plan.present.push(info);
+        } else if info
+            .sigs
+            .iter()
+            .any(|s| opts.skip_signed_by.iter().any(|k| k == s.key_name()))
+        {
+            plan.signed_elsewhere.push(info);
         } else {
-            plan.to_send.push(info);
+            missing.push(info);
         }
     }
+    for up in &opts.upstreams {
+        let found = futures::stream::iter(missing.into_iter().map(|info| async move {
+            let r = up.has(&info.path).await;
+            (info, r)
+        }))
+        .buffered(concurrency)
+        .collect::<Vec<_>>()
+        .await;
+        missing = Vec::with_capacity(found.len());
+        for (info, r) in found {
+            match r {
+                Ok(true) => plan.upstream.push(info),
+                Ok(false) => missing.push(info),
+                Err(e) => {
+                    plan.upstream_errors.push(e);
+                    missing.push(info);
+                }
+            }
+        }
+    }
+    plan.to_send = missing;
     Ok(plan)
+}
+
+/// Whether the present narinfo of `info` points at a NAR that is not there (or is
+/// unreadable, which a re-push also fixes).
+async fn nar_missing<S: Storage>(storage: &S, info: &PathInfo) -> Result<bool, StorageError> {
+    let key = format!("{}.narinfo", info.path.hash_part());
+    let Some(text) = storage.get(&key).await? else {
+        return Ok(true);
+    };
+    let Ok(ni) = std::str::from_utf8(&text)
+        .map_err(|_| ())
+        .and_then(|t| crate::format::NarInfo::parse(t).map_err(|_| ()))
+    else {
+        return Ok(true);
+    };
+    Ok(storage.head(&ni.url).await?.is_none())
 }

@@ -75,7 +75,7 @@ pub async fn execute<S: Storage>(
     let started = Instant::now();
     let jobs = opts.jobs.max(1);
     let mut report = Report {
-        skipped: plan.present.len(),
+        skipped: plan.skipped(),
         ..Report::default()
     };
 
@@ -238,7 +238,7 @@ async fn upload_nar<S: Storage>(
     let producer = tokio::task::spawn_blocking(move || {
         compression::produce(&real, compression, hint, CHUNK, tx)
     });
-    let staged = storage.stage(&url, content_type::NAR, rx).await;
+    let staged = storage.stage(&url, content_type::NAR, hint, rx).await;
     let produced = producer
         .await
         .map_err(|e| PathError::Internal(e.to_string()))

@@ -117,6 +117,24 @@ impl Storage for LocalDir {
         }
     }
 
+    async fn read(&self, key: &str) -> Result<Option<super::ObjectBytes>, StorageError> {
+        use tokio::io::AsyncReadExt;
+        let file = match tokio::fs::File::open(self.path(key)?).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", key)(e)),
+        };
+        let stream = futures::stream::unfold(file, |mut f| async move {
+            let mut buf = bytes::BytesMut::with_capacity(1 << 20);
+            match f.read_buf(&mut buf).await {
+                Ok(0) => None,
+                Ok(_) => Some((Ok(buf.freeze()), f)),
+                Err(e) => Some((Err(e), f)),
+            }
+        });
+        Ok(Some(Box::pin(stream)))
+    }
+
     async fn put(&self, key: &str, _ct: &'static str, body: Bytes) -> Result<(), StorageError> {
         let target = self.path(key)?;
         blocking("write", key, move || {
@@ -153,6 +171,7 @@ impl Storage for LocalDir {
         &self,
         key: &str,
         _ct: &'static str,
+        _size_hint: u64,
         mut body: mpsc::Receiver<Bytes>,
     ) -> Result<LocalStaged, StorageError> {
         let target = self.path(key)?;

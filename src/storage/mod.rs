@@ -8,6 +8,7 @@
 //!   [`Staged::commit`]; [`Staged::abort`] (or dropping it) leaves nothing behind.
 
 pub mod local;
+pub mod s3;
 
 use std::future::Future;
 
@@ -16,6 +17,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 pub use local::LocalDir;
+pub use s3::{ObjectStream, S3Bucket, S3Config, StreamOutcome};
 
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -34,6 +36,14 @@ pub enum StorageError {
         /// Worth retrying (throttling, 5xx, timeouts, resets).
         transient: bool,
     },
+    /// No answer: the endpoint is unreachable, or did not answer in time.
+    #[error("{op} {key}: {message}")]
+    Unavailable {
+        op: &'static str,
+        key: String,
+        message: String,
+        timeout: bool,
+    },
     #[error("{op} {key}: access denied ({message}); check the credentials and their permissions")]
     Denied {
         op: &'static str,
@@ -51,7 +61,7 @@ impl StorageError {
             StorageError::Remote {
                 transient: true,
                 ..
-            }
+            } | StorageError::Unavailable { .. }
         )
     }
 }
@@ -93,10 +103,12 @@ pub trait Storage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, StorageError>> + Send;
 
     /// Consumes `body` until the sender is dropped and stages it under `key`.
+    /// `size_hint` is the expected size (e.g. the NAR size), used to choose part sizes.
     fn stage(
         &self,
         key: &str,
         content_type: &'static str,
+        size_hint: u64,
         body: mpsc::Receiver<Bytes>,
     ) -> impl Future<Output = Result<Self::Staged, StorageError>> + Send;
 
@@ -104,6 +116,59 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Keys under `prefix`, in no particular order. Never used to decide correctness.
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, StorageError>> + Send;
+
+    /// Streams an object's bytes, for objects of any size; `None` when it does not exist.
+    fn read(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<ObjectBytes>, StorageError>> + Send;
+
+    /// Keys of multipart uploads started and neither completed nor aborted, by anyone.
+    fn open_uploads(&self) -> impl Future<Output = Result<Vec<String>, StorageError>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
+    /// Aborts every open multipart upload under the cache's prefix, by anyone (run it only
+    /// when no push is running); returns how many there were.
+    fn abort_all_open_uploads(&self) -> impl Future<Output = Result<usize, StorageError>> + Send {
+        async { Ok(0) }
+    }
+
+    /// Requests sent so far, by kind (all zero for backends that send none).
+    fn stats(&self) -> RequestStats {
+        RequestStats::default()
+    }
+
+    /// Aborts every upload that was started and neither committed nor aborted (called on
+    /// Ctrl-C, when the tasks that own them are gone); returns how many there were.
+    fn abort_open_uploads(&self) -> impl Future<Output = usize> + Send {
+        async { 0 }
+    }
+}
+
+/// An object's bytes as they arrive.
+pub type ObjectBytes =
+    std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static>>;
+
+/// Requests sent to a remote target, by kind; what `--json` reports and tests count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RequestStats {
+    pub head: u64,
+    pub get: u64,
+    pub put: u64,
+    /// Create, UploadPart, Complete and Abort of multipart uploads.
+    pub multipart: u64,
+    pub delete: u64,
+    pub list: u64,
+    /// Requests that were repeated after a transient failure (included above too).
+    pub retries: u64,
+}
+
+impl RequestStats {
+    /// Requests that write (PUTs and every multipart request).
+    pub fn writes(&self) -> u64 {
+        self.put + self.multipart
+    }
 }
 
 /// Content types as Nix's own binary-cache stores set them.

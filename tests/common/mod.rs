@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+pub mod fault;
+pub mod http;
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -75,15 +79,15 @@ pub fn closure_of(path: &Path) -> Vec<PathBuf> {
 
 pub fn cachepush() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cachepush"));
-    // Tests choose their own keys and targets; nothing leaks in from the developer's shell.
-    for v in [
-        "CACHEPUSH_SIGNING_KEY",
-        "CACHEPUSH_SIGNING_KEY_FILE",
-        "CACHEPUSH_TO",
-        "CACHEPUSH_COMPRESSION",
-        "CACHEPUSH_JOBS",
-    ] {
-        c.env_remove(v);
+    // Tests choose their own keys and targets; nothing leaks in from the developer's shell
+    // (or from a CI system's), except the test servers' coordinates.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if (k.starts_with("CACHEPUSH_") && !k.starts_with("CACHEPUSH_TEST_"))
+            || k == "GITHUB_ACTIONS"
+        {
+            c.env_remove(&*k);
+        }
     }
     c
 }
@@ -113,4 +117,26 @@ pub fn narinfos(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// A new signing key `NAME` in `dir` (`NAME.sk`), made by `cachepush keygen`; returns the
+/// secret key file and the public key.
+pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let sk = dir.join(format!("{name}.sk"));
+    let out = run_ok(cachepush().arg("keygen").arg(name).arg(&sk));
+    (sk, stdout(&out))
+}
+
+/// A salt or name no other test run uses.
+pub fn unique(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{tag}-{nanos}")
+}
+
+/// A command's standard error, as text.
+pub fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -1,0 +1,121 @@
+# services.cachepush-gateway: serve a private bucket to Nix clients.
+#
+# Secrets never enter the Nix store: the bucket credentials (an AWS shared-credentials
+# file), the htpasswd file, the tokens file and the signing key are read by systemd with
+# LoadCredential and handed to a service that runs as a dynamic user.
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.cachepush-gateway;
+  inherit (lib) mkOption mkEnableOption mkIf types;
+  optionalFlag = flag: value: lib.optionals (value != null) [ flag value ];
+  args = [ "gateway" "--from" cfg.from "--nar-delivery" cfg.narDelivery ]
+    ++ lib.concatMap (l: [ "--listen" l ]) cfg.listen
+    ++ optionalFlag "--htpasswd" (if cfg.htpasswdFile != null then "%d/htpasswd" else null)
+    ++ optionalFlag "--tokens" (if cfg.tokensFile != null then "%d/tokens" else null)
+    ++ optionalFlag "--signing-key" (if cfg.signingKeyFile != null then "%d/signing-key" else null)
+    ++ cfg.extraArgs;
+  credential = name: file: lib.optional (file != null) "${name}:${file}";
+in
+{
+  options.services.cachepush-gateway = {
+    enable = mkEnableOption "the cachepush gateway, which serves an S3 bucket as a Nix binary cache";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.cachepush;
+      description = "The cachepush package (add the flake's overlay, or set this).";
+    };
+
+    from = mkOption {
+      type = types.str;
+      example = "s3://nix-cache?endpoint=https://s3.us-west-004.backblazeb2.com&region=us-west-004";
+      description = "The bucket to serve, in Nix's s3:// URL syntax.";
+    };
+
+    listen = mkOption {
+      type = types.listOf types.str;
+      default = [ "127.0.0.1:8080" ];
+      example = [ "[::]:8080" "unix:/run/cachepush-gateway/gateway.sock" ];
+      description = "Addresses to listen on: IPv4, IPv6 or unix:PATH.";
+    };
+
+    narDelivery = mkOption {
+      type = types.enum [ "redirect" "proxy" ];
+      default = "redirect";
+      description = "redirect: 307 to presigned URLs; proxy: stream NARs through the gateway.";
+    };
+
+    credentialsFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/cachepush-aws-credentials";
+      description = ''
+        An AWS shared-credentials file ([default] aws_access_key_id = ...) for the bucket.
+        Read-only, bucket-scoped keys are enough. Null: the standard chain (e.g. an
+        instance role).
+      '';
+    };
+
+    htpasswdFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = "htpasswd file with bcrypt entries (htpasswd -B) for HTTP Basic auth.";
+    };
+
+    tokensFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = "File of bearer tokens, one per line.";
+    };
+
+    signingKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      description = "Secret key whose signature the gateway adds to every narinfo.";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "More arguments for cachepush gateway.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    systemd.services.cachepush-gateway = {
+      description = "cachepush gateway";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      environment = lib.optionalAttrs (cfg.credentialsFile != null) {
+        AWS_SHARED_CREDENTIALS_FILE = "%d/aws-credentials";
+        AWS_EC2_METADATA_DISABLED = "true";
+      };
+      serviceConfig = {
+        ExecStart = lib.escapeShellArgs ([ "${cfg.package}/bin/cachepush" ] ++ args);
+        LoadCredential = credential "aws-credentials" cfg.credentialsFile
+          ++ credential "htpasswd" cfg.htpasswdFile
+          ++ credential "tokens" cfg.tokensFile
+          ++ credential "signing-key" cfg.signingKeyFile;
+        DynamicUser = true;
+        RuntimeDirectory = "cachepush-gateway";
+        Restart = "on-failure";
+        # Hardening: the gateway needs the network and nothing else.
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        NoNewPrivileges = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectControlGroups = true;
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        RestrictNamespaces = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        CapabilityBoundingSet = "";
+      };
+    };
+  };
+}

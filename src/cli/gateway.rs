@@ -1,0 +1,236 @@
+//! `cachepush gateway --from s3://... --listen ADDR`: settings from flags, environment
+//! variables and an optional TOML file (flags and variables win; unknown keys are errors).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use cachepush::gateway::{self, Delivery, GatewayConfig, Listen, auth::Auth};
+use cachepush::storage::{S3Bucket, Storage};
+use cachepush::target::TargetUrl;
+use clap::Args;
+use serde::Deserialize;
+
+use super::keys::read_secret_key;
+use super::s3args::S3Args;
+use super::{Failure, interrupted};
+
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// The cache to serve: s3://BUCKET[/PREFIX]?endpoint=URL&region=R.
+    #[arg(long, value_name = "URL", env = "CACHEPUSH_GATEWAY_FROM")]
+    from: Option<String>,
+    /// Address to listen on: 127.0.0.1:8080, [::]:8080 or unix:/run/cachepush.sock;
+    /// repeatable [default: 127.0.0.1:8080].
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "CACHEPUSH_GATEWAY_LISTEN",
+        value_delimiter = ','
+    )]
+    listen: Vec<String>,
+    /// TOML file with any of these settings (keys are the flag names without `--`).
+    #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// How NARs reach clients: redirect (307 to a presigned URL) or proxy [default: redirect].
+    #[arg(long, value_name = "MODE", env = "CACHEPUSH_GATEWAY_NAR_DELIVERY")]
+    nar_delivery: Option<String>,
+    /// Lifetime of presigned NAR URLs, in seconds [default: 3600].
+    #[arg(long, value_name = "SECS", env = "CACHEPUSH_GATEWAY_PRESIGN_TTL")]
+    presign_ttl: Option<u64>,
+    /// How long a narinfo is served from memory, in seconds [default: 60].
+    #[arg(long, value_name = "SECS", env = "CACHEPUSH_GATEWAY_NARINFO_TTL")]
+    narinfo_ttl: Option<u64>,
+    /// How long "no such narinfo" is remembered, in seconds [default: 10].
+    #[arg(long, value_name = "SECS", env = "CACHEPUSH_GATEWAY_NEGATIVE_TTL")]
+    negative_ttl: Option<u64>,
+    /// Most narinfos held in memory [default: 100000].
+    #[arg(long, value_name = "N", env = "CACHEPUSH_GATEWAY_CACHE_ENTRIES")]
+    cache_entries: Option<usize>,
+    /// Add this key's signature to every narinfo served (for buckets filled by other tools).
+    #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_SIGNING_KEY_FILE")]
+    signing_key: Option<PathBuf>,
+    /// Require HTTP Basic auth checked against this htpasswd file (bcrypt, `htpasswd -nB`).
+    #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_HTPASSWD")]
+    htpasswd: Option<PathBuf>,
+    /// Accept the bearer tokens in this file (one per line; also as a Basic password).
+    #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_TOKENS")]
+    tokens: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CACHEPUSH_GATEWAY_TLS_CERT",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CACHEPUSH_GATEWAY_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Store directory announced when the bucket has no nix-cache-info [default: /nix/store].
+    #[arg(long, value_name = "DIR", env = "CACHEPUSH_GATEWAY_STORE_DIR")]
+    store_dir: Option<String>,
+    /// Priority announced when the bucket has no nix-cache-info [default: 40].
+    #[arg(long, value_name = "N", env = "CACHEPUSH_GATEWAY_PRIORITY")]
+    priority: Option<u32>,
+    /// No access log lines (errors are still logged).
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+/// The settings a config file may hold; the same names as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    from: Option<String>,
+    listen: Option<Vec<String>>,
+    nar_delivery: Option<String>,
+    presign_ttl: Option<u64>,
+    narinfo_ttl: Option<u64>,
+    negative_ttl: Option<u64>,
+    cache_entries: Option<usize>,
+    signing_key: Option<PathBuf>,
+    htpasswd: Option<PathBuf>,
+    tokens: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    store_dir: Option<String>,
+    priority: Option<u32>,
+    quiet: Option<bool>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    profile: Option<String>,
+    addressing_style: Option<String>,
+}
+
+/// Flags and variables first, then the file, then the default.
+fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
+    flag.or(file)
+}
+
+pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
+    let file = match &a.config {
+        Some(p) => super::config::read_toml::<FileConfig>(p)?,
+        None => FileConfig::default(),
+    };
+    let from = pick(a.from.clone(), file.from.clone()).ok_or_else(|| {
+        Failure::input("no cache to serve")
+            .hint("pass --from s3://BUCKET?endpoint=... (or `from` in the --config file)")
+    })?;
+    let target = TargetUrl::parse(&from).map_err(|e| Failure::input(e.to_string()))?;
+    if !matches!(target, TargetUrl::S3 { .. }) {
+        return Err(Failure::input(format!(
+            "the gateway serves S3 buckets; {from} is not an s3:// URL"
+        )));
+    }
+    let s3 = S3Args {
+        endpoint: pick(a.s3.endpoint.clone(), file.endpoint.clone()),
+        region: pick(a.s3.region.clone(), file.region.clone()),
+        profile: pick(a.s3.profile.clone(), file.profile.clone()),
+        addressing_style: pick(a.s3.addressing_style.clone(), file.addressing_style.clone()),
+        read_timeout: a.s3.read_timeout,
+    };
+    let mut s3cfg = s3.config(&target)?;
+    // A client is waiting: fail over to 5xx quickly rather than retry for a minute.
+    s3cfg.max_attempts = 3;
+    if a.s3.read_timeout.is_none() {
+        s3cfg.read_timeout = Duration::from_secs(30);
+    }
+
+    let listen_text = if !a.listen.is_empty() {
+        a.listen.clone()
+    } else {
+        file.listen
+            .clone()
+            .unwrap_or_else(|| vec!["127.0.0.1:8080".into()])
+    };
+    let listen = listen_text
+        .iter()
+        .map(|l| l.parse::<Listen>().map_err(Failure::input))
+        .collect::<Result<Vec<_>, _>>()?;
+    if listen.is_empty() {
+        return Err(Failure::input("no address to listen on"));
+    }
+    let delivery = pick(a.nar_delivery.clone(), file.nar_delivery.clone())
+        .unwrap_or_else(|| "redirect".into())
+        .parse::<Delivery>()
+        .map_err(Failure::input)?;
+    let signing_key = match pick(a.signing_key.clone(), file.signing_key.clone()) {
+        Some(p) => Some(read_secret_key(&p)?),
+        None => None,
+    };
+    let htpasswd = pick(a.htpasswd.clone(), file.htpasswd.clone());
+    let tokens = pick(a.tokens.clone(), file.tokens.clone());
+    let auth = if htpasswd.is_some() || tokens.is_some() {
+        Some(
+            Auth::load(htpasswd.as_deref(), tokens.as_deref())
+                .map_err(|e| Failure::input(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let tls = match (
+        pick(a.tls_cert.clone(), file.tls_cert.clone()),
+        pick(a.tls_key.clone(), file.tls_key.clone()),
+    ) {
+        (Some(c), Some(k)) => {
+            Some(gateway::load_tls(&c, &k).map_err(|e| Failure::input(e.to_string()))?)
+        }
+        (None, None) => None,
+        _ => return Err(Failure::input("--tls-cert and --tls-key go together")),
+    };
+    let secs = |flag: Option<u64>, file: Option<u64>, default: u64| {
+        Duration::from_secs(pick(flag, file).unwrap_or(default))
+    };
+    let presign_ttl = secs(a.presign_ttl, file.presign_ttl, 3600);
+    if presign_ttl.is_zero() || presign_ttl > Duration::from_secs(7 * 24 * 3600) {
+        return Err(Failure::input(
+            "--presign-ttl must be between 1 second and 7 days (S3's limit)",
+        ));
+    }
+    let cfg = GatewayConfig {
+        listen,
+        delivery,
+        presign_ttl,
+        narinfo_ttl: secs(a.narinfo_ttl, file.narinfo_ttl, 60),
+        negative_ttl: secs(a.negative_ttl, file.negative_ttl, 10),
+        cache_entries: pick(a.cache_entries, file.cache_entries).unwrap_or(100_000),
+        signing_key,
+        auth,
+        tls,
+        access_log: !(a.quiet || file.quiet.unwrap_or(false)),
+        store_dir: pick(a.store_dir.clone(), file.store_dir.clone())
+            .unwrap_or_else(|| "/nix/store".into()),
+        priority: pick(a.priority, file.priority).unwrap_or(40),
+        header_timeout: Duration::from_secs(10),
+    };
+    if cfg.auth.is_none() {
+        eprintln!(
+            "warning: no --htpasswd or --tokens: anyone who can reach the gateway can read the cache"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::input(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async {
+        let bucket = S3Bucket::connect(s3cfg)
+            .await
+            .map_err(|e| Failure::target(e.to_string()))?;
+        // Serve even when the bucket is down now (it may come back); say so loudly.
+        if let Err(e) = bucket.head("nix-cache-info").await {
+            eprintln!("warning: the bucket is not reachable now ({e}); serving anyway, /healthz reports it");
+        }
+        gateway::serve(cfg, bucket, interrupted())
+            .await
+            .map_err(|e| Failure::input(e.to_string()))
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

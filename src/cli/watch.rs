@@ -1,0 +1,317 @@
+//! `cachepush watch-exec`, `cachepush watch-store` and `cachepush post-build-hook`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use cachepush::format::StorePath;
+use cachepush::watch::{Queue, StoreScanner};
+use clap::Args;
+
+use super::config::{self, FileSettings};
+use super::push::{Outcome, Pusher, Settings, runtime};
+use super::{Failure, stop_signal, until_stopped};
+
+#[derive(Args, Debug)]
+pub struct WatchExecArgs {
+    /// The binary cache to publish to [default: CACHEPUSH_TO or `to` in cachepush.toml].
+    #[arg(long = "to", value_name = "URL", env = "CACHEPUSH_TO")]
+    to: Option<String>,
+    /// Seconds between looks at the store while the command runs.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    interval: f64,
+    #[command(flatten)]
+    settings: Settings,
+    /// The command to run, after `--`, e.g. `-- nix build .#default`.
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchStoreArgs {
+    /// The binary cache to publish to [default: CACHEPUSH_TO or `to` in cachepush.toml].
+    #[arg(long = "to", value_name = "URL", env = "CACHEPUSH_TO")]
+    to: Option<String>,
+    /// The post-build-hook queue to drain [default: /var/lib/cachepush/queue for root,
+    /// else $XDG_STATE_HOME/cachepush/queue].
+    #[arg(long, value_name = "DIR", env = "CACHEPUSH_QUEUE_DIR")]
+    queue: Option<PathBuf>,
+    /// Only drain the queue; do not look for new store paths.
+    #[arg(long)]
+    queue_only: bool,
+    /// Drain the queue once and exit (for a timer, or after a CI job's builds).
+    #[arg(long)]
+    once: bool,
+    /// Seconds between rounds.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    interval: f64,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Args, Debug)]
+pub struct HookArgs {
+    /// Where to queue the paths [default: as for watch-store].
+    #[arg(long, value_name = "DIR", env = "CACHEPUSH_QUEUE_DIR")]
+    queue: Option<PathBuf>,
+}
+
+fn target(to: Option<String>, file: &FileSettings) -> Result<String, Failure> {
+    to.or_else(|| file.to.clone()).ok_or_else(|| {
+        Failure::input("no cache to publish to")
+            .hint("pass --to URL, set CACHEPUSH_TO, or put `to = \"...\"` in cachepush.toml")
+    })
+}
+
+fn interval(secs: f64) -> Result<Duration, Failure> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(3600))
+        .ok_or_else(|| Failure::input("--interval must be between 0 and 3600 seconds"))
+}
+
+/// Asks Nix which candidates are valid; pushes those, hands the rest back to the scanner.
+async fn push_new(pusher: &mut Pusher, scanner: &mut StoreScanner) -> Result<Outcome, Failure> {
+    let candidates = scanner
+        .candidates()
+        .map_err(|e| Failure::input(format!("cannot list the store: {e}")))?;
+    if candidates.is_empty() {
+        return Ok(Outcome::Done {
+            pushed: 0,
+            failed: 0,
+        });
+    }
+    let valid = pusher
+        .store
+        .valid_of(&candidates)
+        .await
+        .map_err(|e| Failure::input(e.to_string()))?;
+    scanner.wait_for(candidates.into_iter().filter(|c| !valid.contains(c)));
+    if valid.is_empty() {
+        return Ok(Outcome::Done {
+            pushed: 0,
+            failed: 0,
+        });
+    }
+    pusher.push(valid, true, false, false).await
+}
+
+/// Publishes every queued batch; a batch leaves the queue only once it is published.
+async fn drain(pusher: &mut Pusher, queue: &Queue) -> Result<Outcome, Failure> {
+    let files = queue.pending().map_err(|e| {
+        Failure::input(format!(
+            "cannot read the queue {}: {e}",
+            queue.dir().display()
+        ))
+    })?;
+    let (mut pushed, mut failed) = (0, 0);
+    for f in files {
+        let lines = queue
+            .read(&f)
+            .map_err(|e| Failure::input(format!("{}: {e}", f.0.display())))?;
+        let dir = pusher.store.store_dir().clone();
+        let mut roots: Vec<StorePath> = Vec::new();
+        for l in &lines {
+            match dir.parse_path(l) {
+                Ok(p) => roots.push(p),
+                Err(e) => pusher
+                    .out
+                    .warn(&format!("{}: skipping {l}: {e}", f.0.display())),
+            }
+        }
+        // Paths garbage-collected since they were queued cannot be published any more.
+        let valid = pusher
+            .store
+            .valid_of(&roots)
+            .await
+            .map_err(|e| Failure::input(e.to_string()))?;
+        for gone in roots.iter().filter(|r| !valid.contains(r)) {
+            pusher.out.warn(&format!(
+                "{} is no longer in the store; dropped from the queue",
+                dir.display(gone)
+            ));
+        }
+        let outcome = if valid.is_empty() {
+            Outcome::Done {
+                pushed: 0,
+                failed: 0,
+            }
+        } else {
+            pusher.push(valid, true, false, false).await?
+        };
+        match outcome {
+            Outcome::Interrupted => return Ok(Outcome::Interrupted),
+            Outcome::Done {
+                pushed: p,
+                failed: 0,
+            } => {
+                pushed += p;
+                queue
+                    .done(&f)
+                    .map_err(|e| Failure::input(format!("{}: {e}", f.0.display())))?;
+            }
+            // Kept for the next round.
+            Outcome::Done {
+                pushed: p,
+                failed: n,
+            } => {
+                pushed += p;
+                failed += n;
+            }
+        }
+    }
+    Ok(Outcome::Done { pushed, failed })
+}
+
+pub fn run_watch_store(a: WatchStoreArgs) -> Result<ExitCode, Failure> {
+    let file = config::load()?;
+    let url = target(a.to.clone(), &file)?;
+    let queue = Queue::new(config::queue_dir(a.queue.clone(), &file));
+    let every = interval(a.interval)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let Some(mut pusher) = Pusher::connect(&url, &a.settings, &file).await? else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        if a.once {
+            return Ok(drain(&mut pusher, &queue).await?.exit_code());
+        }
+        let mut scanner = if a.queue_only {
+            None
+        } else {
+            Some(
+                StoreScanner::new(pusher.store.store_dir().clone())
+                    .map_err(|e| Failure::input(format!("cannot list the store: {e}")))?,
+            )
+        };
+        pusher.out.info(&format!(
+            "watching {}the queue {} for {url}; stop with Ctrl-C or SIGTERM",
+            if scanner.is_some() {
+                "the store and "
+            } else {
+                ""
+            },
+            queue.dir().display()
+        ));
+        let mut stop = stop_signal();
+        loop {
+            // A failed round is reported and retried; only a stop request ends the loop.
+            let mut round = drain(&mut pusher, &queue).await;
+            if let (Ok(Outcome::Done { .. }), Some(s)) = (&round, scanner.as_mut()) {
+                round = push_new(&mut pusher, s).await;
+            }
+            match round {
+                Ok(Outcome::Interrupted) => break,
+                Ok(_) => {}
+                Err(f) => pusher.out.error(&f.message),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = until_stopped(&mut stop) => break,
+            }
+        }
+        // Stopping a watcher is not a failure: what was not published stays queued.
+        pusher.out.info("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn run_watch_exec(a: WatchExecArgs) -> Result<ExitCode, Failure> {
+    let file = config::load()?;
+    let url = target(a.to.clone(), &file)?;
+    let every = interval(a.interval)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let Some(mut pusher) = Pusher::connect(&url, &a.settings, &file).await? else {
+            // No credentials: still run the command, and report its status.
+            let status = tokio::process::Command::new(&a.command[0])
+                .args(&a.command[1..])
+                .status()
+                .await
+                .map_err(|e| Failure::input(format!("cannot run {}: {e}", a.command[0])))?;
+            return Ok(exit_of(status));
+        };
+        let mut scanner = StoreScanner::new(pusher.store.store_dir().clone())
+            .map_err(|e| Failure::input(format!("cannot list the store: {e}")))?;
+        let mut child = tokio::process::Command::new(&a.command[0])
+            .args(&a.command[1..])
+            .spawn()
+            .map_err(|e| Failure::input(format!("cannot run {}: {e}", a.command[0])))?;
+        let mut failed = 0;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break s.map_err(|e| Failure::input(format!("waiting for {}: {e}", a.command[0])))?,
+                _ = tick.tick() => {
+                    match push_new(&mut pusher, &mut scanner).await? {
+                        Outcome::Interrupted => {
+                            // The command got the same Ctrl-C from the terminal.
+                            let _ = child.wait().await;
+                            return Ok(ExitCode::from(130));
+                        }
+                        Outcome::Done { failed: n, .. } => failed += n,
+                    }
+                }
+            }
+        };
+        // The last outputs appear as the command ends.
+        match push_new(&mut pusher, &mut scanner).await? {
+            Outcome::Interrupted => return Ok(ExitCode::from(130)),
+            Outcome::Done { failed: n, .. } => failed += n,
+        }
+        if !status.success() {
+            return Ok(exit_of(status));
+        }
+        if failed > 0 {
+            pusher.out.error(&format!(
+                "the command succeeded but {failed} paths were not published"
+            ));
+            return Ok(ExitCode::from(1));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// The command's own exit status, as a shell would report it (128+N for signal N).
+fn exit_of(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCode::from(c.clamp(0, 255) as u8),
+        (None, Some(sig)) => ExitCode::from((128 + sig).clamp(0, 255) as u8),
+        _ => ExitCode::from(1),
+    }
+}
+
+/// Nix runs the post-build hook synchronously and fails the build if it fails, so this
+/// only appends to the queue and always exits 0: a cache problem never breaks a build.
+pub fn run_hook(a: HookArgs) -> ExitCode {
+    let paths = std::env::var("OUT_PATHS").unwrap_or_default();
+    let paths: Vec<&str> = paths.split_whitespace().collect();
+    if paths.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    let dir = match config::load() {
+        Ok(file) => config::queue_dir(a.queue, &file),
+        Err(f) => {
+            eprintln!(
+                "cachepush post-build-hook: warning: {} (using the default queue)",
+                f.message
+            );
+            config::queue_dir(a.queue, &FileSettings::default())
+        }
+    };
+    match Queue::new(&dir).enqueue(&paths) {
+        Ok(_) => eprintln!(
+            "cachepush: queued {} paths in {} for upload",
+            paths.len(),
+            dir.display()
+        ),
+        Err(e) => eprintln!(
+            "cachepush post-build-hook: warning: cannot queue in {}: {e}; these paths will not be uploaded: {}",
+            dir.display(),
+            paths.join(" ")
+        ),
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,305 @@
+//! Client authentication: HTTP Basic against an htpasswd file with bcrypt entries (what Nix
+//! sends from its netrc file), and bearer tokens from a file.
+//!
+//! bcrypt is deliberately slow (tens of milliseconds), and Nix sends the same credentials
+//! with every request, so a verified credential is remembered for a while by its SHA-256:
+//! later requests cost one hash and a map lookup. Only successes are remembered.
+//!
+//! A token may also be given as the password of Basic auth (any user name), so that Nix
+//! clients, which can only send Basic from netrc, can use tokens too.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+
+/// Credentials longer than this are refused without looking at them.
+const MAX_CREDENTIAL_LEN: usize = 4096;
+/// How long a verified credential is trusted without running bcrypt again.
+const VERIFIED_TTL: Duration = Duration::from_secs(600);
+/// Bound on remembered credentials (each is 32 bytes and an instant).
+const VERIFIED_MAX: usize = 10_000;
+
+#[derive(Debug, Error)]
+pub enum AuthFileError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {why}")]
+    Bad {
+        file: String,
+        line: usize,
+        why: &'static str,
+    },
+    #[error("{file}: no entries")]
+    Empty { file: String },
+}
+
+pub struct Auth {
+    /// user → bcrypt hash
+    users: HashMap<String, String>,
+    /// SHA-256 of each token; compared in constant time.
+    tokens: Vec<[u8; 32]>,
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+    /// A bcrypt hash to verify against for unknown users, so that a wrong user name takes
+    /// as long as a wrong password.
+    dummy: String,
+    pub realm: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Auth({} users, {} tokens)",
+            self.users.len(),
+            self.tokens.len()
+        )
+    }
+}
+
+fn read(file: &Path) -> Result<String, AuthFileError> {
+    std::fs::read_to_string(file).map_err(|source| AuthFileError::Read {
+        file: file.display().to_string(),
+        source,
+    })
+}
+
+/// Parses an htpasswd file; only bcrypt entries (`htpasswd -B`) are accepted.
+pub fn parse_htpasswd(file: &str, text: &str) -> Result<HashMap<String, String>, AuthFileError> {
+    let mut users = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |why| AuthFileError::Bad {
+            file: file.to_owned(),
+            line: i + 1,
+            why,
+        };
+        let (user, hash) = line
+            .split_once(':')
+            .ok_or_else(|| bad("expected user:hash"))?;
+        if user.is_empty() {
+            return Err(bad("empty user name"));
+        }
+        if !["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p)) || hash.len() != 60 {
+            return Err(bad(
+                "only bcrypt entries are supported; create them with `htpasswd -nB USER`",
+            ));
+        }
+        if users.insert(user.to_owned(), hash.to_owned()).is_some() {
+            return Err(bad("user listed twice"));
+        }
+    }
+    if users.is_empty() {
+        return Err(AuthFileError::Empty { file: file.into() });
+    }
+    Ok(users)
+}
+
+/// Parses a tokens file: one token per line, `#` comments.
+pub fn parse_tokens(file: &str, text: &str) -> Result<Vec<[u8; 32]>, AuthFileError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.len() < 16 || line.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err(AuthFileError::Bad {
+                file: file.to_owned(),
+                line: i + 1,
+                why: "a token must be at least 16 printable characters without spaces (e.g. `openssl rand -hex 32`)",
+            });
+        }
+        out.push(Sha256::digest(line.as_bytes()).into());
+    }
+    if out.is_empty() {
+        return Err(AuthFileError::Empty { file: file.into() });
+    }
+    Ok(out)
+}
+
+impl Auth {
+    pub fn load(htpasswd: Option<&Path>, tokens: Option<&Path>) -> Result<Self, AuthFileError> {
+        let users = match htpasswd {
+            Some(p) => parse_htpasswd(&p.display().to_string(), &read(p)?)?,
+            None => HashMap::new(),
+        };
+        let tokens = match tokens {
+            Some(p) => parse_tokens(&p.display().to_string(), &read(p)?)?,
+            None => Vec::new(),
+        };
+        Ok(Self::new(users, tokens))
+    }
+
+    pub fn new(users: HashMap<String, String>, tokens: Vec<[u8; 32]>) -> Self {
+        // Same cost as the real entries so that timing does not tell users apart.
+        let cost = users
+            .values()
+            .next()
+            .and_then(|h| h.get(4..6))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(bcrypt::DEFAULT_COST);
+        let dummy = bcrypt::hash("cachepush-dummy", cost)
+            .unwrap_or_else(|_| "$2b$04$".to_owned() + &"a".repeat(53));
+        Auth {
+            users,
+            tokens,
+            verified: Mutex::new(HashMap::new()),
+            dummy,
+            realm: "cachepush".into(),
+        }
+    }
+
+    fn is_token(&self, candidate: &[u8]) -> bool {
+        let digest: [u8; 32] = Sha256::digest(candidate).into();
+        // Every entry is compared, with no early exit.
+        self.tokens
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, t| acc | t.ct_eq(&digest))
+            .into()
+    }
+
+    fn remembered(&self, key: &[u8; 32]) -> bool {
+        let Ok(mut v) = self.verified.lock() else {
+            return false;
+        };
+        match v.get(key) {
+            Some(t) if t.elapsed() < VERIFIED_TTL => true,
+            Some(_) => {
+                v.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember(&self, key: [u8; 32]) {
+        if let Ok(mut v) = self.verified.lock() {
+            if v.len() >= VERIFIED_MAX {
+                v.retain(|_, t| t.elapsed() < VERIFIED_TTL);
+                if v.len() >= VERIFIED_MAX {
+                    v.clear();
+                }
+            }
+            v.insert(key, Instant::now());
+        }
+    }
+
+    /// Checks an `Authorization` header value. Runs bcrypt at most once per credential
+    /// per [`VERIFIED_TTL`], so call it where blocking is allowed; [`Auth::check_cached`]
+    /// first answers every case that needs no bcrypt.
+    pub fn check(&self, header: Option<&[u8]>) -> bool {
+        self.decide(header, true).unwrap_or(false)
+    }
+
+    /// The answer when it needs no bcrypt run (tokens, remembered and malformed
+    /// credentials); `None` when it does.
+    pub fn check_cached(&self, header: Option<&[u8]>) -> Option<bool> {
+        self.decide(header, false)
+    }
+
+    fn decide(&self, header: Option<&[u8]>, slow: bool) -> Option<bool> {
+        let Some(h) = header else { return Some(false) };
+        if h.len() > MAX_CREDENTIAL_LEN {
+            return Some(false);
+        }
+        let Ok(h) = std::str::from_utf8(h) else {
+            return Some(false);
+        };
+        let (scheme, value) = h.trim().split_once(' ').unwrap_or((h, ""));
+        let value = value.trim();
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(!self.tokens.is_empty() && self.is_token(value.as_bytes()));
+        }
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Some(false);
+        }
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(value) else {
+            return Some(false);
+        };
+        let Some(colon) = decoded.iter().position(|&b| b == b':') else {
+            return Some(false);
+        };
+        let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
+        if !self.tokens.is_empty() && self.is_token(pass) {
+            return Some(true);
+        }
+        let mut key = Sha256::new();
+        key.update(b"basic\0");
+        key.update(&decoded);
+        let key: [u8; 32] = key.finalize().into();
+        if self.remembered(&key) {
+            return Some(true);
+        }
+        if !slow {
+            return None;
+        }
+        let user = String::from_utf8_lossy(user);
+        let ok = match self.users.get(user.as_ref()) {
+            Some(hash) => bcrypt::verify(pass, hash).unwrap_or(false),
+            None => {
+                let _ = bcrypt::verify(pass, &self.dummy);
+                false
+            }
+        };
+        if ok {
+            self.remember(key);
+        }
+        Some(ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user: &str, pass: &str) -> Vec<u8> {
+        let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        format!("Basic {enc}").into_bytes()
+    }
+
+    #[test]
+    fn basic_and_bearer() {
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        let users = parse_htpasswd("f", &format!("alice:{hash}\n")).unwrap();
+        let tokens = parse_tokens("t", "# ci\n0123456789abcdef0123\n").unwrap();
+        let a = Auth::new(users, tokens);
+        assert_eq!(a.check_cached(Some(&basic("alice", "s3cret"))), None);
+        assert!(a.check(Some(&basic("alice", "s3cret"))));
+        // The second time comes from the verified cache.
+        assert_eq!(a.check_cached(Some(&basic("alice", "s3cret"))), Some(true));
+        assert!(!a.check(Some(&basic("alice", "s3cre"))));
+        assert!(!a.check(Some(&basic("bob", "s3cret"))));
+        assert!(a.check(Some(b"Bearer 0123456789abcdef0123")));
+        assert!(!a.check(Some(b"Bearer 0123456789abcdef012")));
+        assert!(a.check(Some(&basic("anyone", "0123456789abcdef0123"))));
+        assert!(!a.check(None));
+        assert!(!a.check(Some(b"Basic !!!")));
+        assert!(!a.check(Some(b"Basic")));
+        assert!(!a.check(Some(b"Digest x")));
+        assert!(!a.check(Some(&[0xff, 0xfe])));
+        assert!(!a.check(Some(&vec![b'a'; 5000])));
+    }
+
+    #[test]
+    fn bad_files_name_the_line() {
+        let e = parse_htpasswd("pw", "alice:{SHA}abc\n").unwrap_err();
+        assert!(e.to_string().starts_with("pw:1: only bcrypt"), "{e}");
+        let e = parse_htpasswd("pw", "\nnocolon\n").unwrap_err();
+        assert_eq!(e.to_string(), "pw:2: expected user:hash");
+        let e = parse_tokens("tk", "short\n").unwrap_err();
+        assert!(e.to_string().starts_with("tk:1: a token must be"), "{e}");
+        assert!(parse_tokens("tk", "# only a comment\n").is_err());
+    }
+}

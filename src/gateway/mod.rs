@@ -1,0 +1,796 @@
+//! `cachepush gateway`: a read-through HTTP server that speaks the Nix binary-cache protocol
+//! to clients and S3 to a private bucket.
+//!
+//! Decisions, in the order a request meets them:
+//! 1. method (GET and HEAD only) and request-target shape ([`route`]): refused requests
+//!    never cause a request to the bucket;
+//! 2. authentication ([`auth`]), when configured: failures are 401 with
+//!    `WWW-Authenticate: Basic`, never 403 or 404, which Nix reads as "absent";
+//! 3. narinfo and `nix-cache-info` from a bounded TTL cache ([`cache`]) or the bucket,
+//!    optionally signed with the gateway's own key;
+//! 4. NARs by redirect to a presigned GET URL, or proxied as a stream (with Range);
+//!    HEAD is always answered here, as a presigned GET URL cannot answer a HEAD.
+//!
+//! Bucket 404 is 404; every other bucket failure is 502/503/504, so a client never caches
+//! an outage as "absent". Error bodies are generic; details go to the log.
+
+pub mod auth;
+pub mod cache;
+pub mod metrics;
+pub mod route;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use thiserror::Error;
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::format::{NarInfo, SecretKey};
+use crate::storage::{S3Bucket, Storage, StorageError, StreamOutcome, content_type};
+use auth::Auth;
+use cache::{Cached, SmallCache};
+use metrics::Metrics;
+use route::{Reject, Route};
+
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Where to accept connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    /// `127.0.0.1:8080`, `[::1]:8080`, `unix:/run/x.sock` or an absolute socket path.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(Listen::Unix(PathBuf::from(p)));
+        }
+        if s.starts_with('/') {
+            return Ok(Listen::Unix(PathBuf::from(s)));
+        }
+        s.parse::<SocketAddr>().map(Listen::Tcp).map_err(|_| {
+            format!("{s:?} is not an address to listen on (use 127.0.0.1:8080, [::1]:8080 or unix:/path/to.sock)")
+        })
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// 307 to a presigned GET URL: NAR bytes flow from the bucket to the client.
+    Redirect,
+    /// Streamed through the gateway.
+    Proxy,
+}
+
+impl std::str::FromStr for Delivery {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "redirect" => Ok(Delivery::Redirect),
+            "proxy" => Ok(Delivery::Proxy),
+            _ => Err(format!(
+                "unknown NAR delivery {s:?} (use redirect or proxy)"
+            )),
+        }
+    }
+}
+
+pub struct GatewayConfig {
+    pub listen: Vec<Listen>,
+    pub delivery: Delivery,
+    /// Lifetime of presigned NAR URLs.
+    pub presign_ttl: Duration,
+    pub narinfo_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub cache_entries: usize,
+    pub signing_key: Option<SecretKey>,
+    pub auth: Option<Auth>,
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    pub access_log: bool,
+    /// For the `nix-cache-info` served when the bucket has none.
+    pub store_dir: String,
+    pub priority: u32,
+    /// Longest time a client may take to send its request head.
+    pub header_timeout: Duration,
+}
+
+#[derive(Debug, Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+struct State {
+    bucket: S3Bucket,
+    auth: Option<Arc<Auth>>,
+    cfg: GatewayConfig,
+    cache: SmallCache,
+    metrics: Metrics,
+    public_key: Option<String>,
+}
+
+fn log(line: &str) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    eprintln!("{secs:.3} {line}");
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(text));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn storage_status(e: &StorageError) -> (StatusCode, &'static str) {
+    match e {
+        StorageError::Unavailable { timeout: true, .. } => {
+            (StatusCode::GATEWAY_TIMEOUT, "the cache storage timed out\n")
+        }
+        StorageError::Unavailable { .. }
+        | StorageError::Remote {
+            transient: true, ..
+        } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the cache storage is unavailable\n",
+        ),
+        _ => (
+            StatusCode::BAD_GATEWAY,
+            "the cache storage answered with an error\n",
+        ),
+    }
+}
+
+/// A failed answer: the status and the generic body text (details go to the log).
+#[derive(Clone, Copy, Debug)]
+struct Refusal(StatusCode, &'static str);
+
+impl From<Refusal> for Response<Body> {
+    fn from(r: Refusal) -> Self {
+        plain(r.0, r.1)
+    }
+}
+
+impl State {
+    fn storage_failure(&self, route: &Route, e: &StorageError) -> Refusal {
+        log(&format!("error: {} {e}", route.label()));
+        let (status, text) = storage_status(e);
+        Refusal(status, text)
+    }
+
+    /// narinfo / nix-cache-info: from memory, else from the bucket (and remembered).
+    async fn small_object(&self, route: &Route, key: &str) -> Result<Option<Bytes>, Refusal> {
+        match self.cache.get(key) {
+            Cached::Present(b) => {
+                self.metrics.cache(true);
+                return Ok(Some(b));
+            }
+            Cached::Absent => {
+                self.metrics.cache(true);
+                return Ok(None);
+            }
+            Cached::Unknown => self.metrics.cache(false),
+        }
+        let started = Instant::now();
+        let got = self.bucket.get(key).await;
+        self.metrics.upstream(started.elapsed());
+        let got = got.map_err(|e| self.storage_failure(route, &e))?;
+        let got = match (got, route) {
+            (Some(text), Route::NarInfo(_)) if self.cfg.signing_key.is_some() => {
+                Some(self.sign(route, &text)?)
+            }
+            (other, _) => other,
+        };
+        self.cache.put(key, got.clone());
+        Ok(got)
+    }
+
+    /// Adds the gateway's signature to a narinfo from the bucket (once).
+    fn sign(&self, route: &Route, text: &Bytes) -> Result<Bytes, Refusal> {
+        let Some(key) = &self.cfg.signing_key else {
+            return Ok(text.clone());
+        };
+        let parsed = std::str::from_utf8(text)
+            .map_err(|e| e.to_string())
+            .and_then(|t| NarInfo::parse(t).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(mut ni) => {
+                if !ni.sigs.iter().any(|s| s.key_name() == key.name()) {
+                    ni.sign(key);
+                }
+                Ok(Bytes::from(ni.to_string()))
+            }
+            Err(e) => {
+                log(&format!(
+                    "error: {}: unreadable narinfo in the bucket: {e}",
+                    route.label()
+                ));
+                Err(Refusal(
+                    StatusCode::BAD_GATEWAY,
+                    "the cache holds an unreadable narinfo\n",
+                ))
+            }
+        }
+    }
+
+    async fn handle(&self, req: &Request<Incoming>) -> (Response<Body>, &'static str) {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return (r, "other");
+        }
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let route = match Route::parse(target) {
+            Ok(r) => r,
+            Err(Reject::BadRequest(_)) => {
+                return (plain(StatusCode::BAD_REQUEST, "bad request\n"), "other");
+            }
+            Err(Reject::TooLong) => {
+                return (plain(StatusCode::URI_TOO_LONG, "URI too long\n"), "other");
+            }
+            Err(Reject::NotFound) => return (plain(StatusCode::NOT_FOUND, "not found\n"), "other"),
+        };
+        let label = route.label();
+        if !matches!(route, Route::Healthz | Route::Metrics) && !self.authorized(req).await {
+            self.metrics.auth_failure();
+            let mut r = plain(StatusCode::UNAUTHORIZED, "authentication required\n");
+            let realm = self.auth.as_ref().map_or("cachepush", |a| a.realm.as_str());
+            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\"")) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            return (r, label);
+        }
+        let head = req.method() == Method::HEAD;
+        let resp = match &route {
+            Route::Healthz => self.healthz().await,
+            Route::Metrics => {
+                let mut r = Response::new(full(
+                    self.metrics.render(self.bucket.stats(), self.cache.len()),
+                ));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            Route::Version => plain(
+                StatusCode::OK,
+                concat!("cachepush ", env!("CARGO_PKG_VERSION"), "\n"),
+            ),
+            Route::PublicKey => match &self.public_key {
+                Some(k) => {
+                    let mut r = Response::new(full(format!("{k}\n")));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; charset=utf-8"),
+                    );
+                    r
+                }
+                None => plain(StatusCode::NOT_FOUND, "no signing key configured\n"),
+            },
+            Route::CacheInfo => self.cache_info(&route).await,
+            Route::NarInfo(_) => self.narinfo(&route).await,
+            Route::Nar(_) => self.nar(&route, req, head).await,
+            Route::Listing(_) | Route::Log(_) => self.proxy(&route, req, head).await,
+        };
+        (resp, label)
+    }
+
+    async fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(auth) = &self.auth else {
+            return true;
+        };
+        let h = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if let Some(answer) = auth.check_cached(h) {
+            return answer;
+        }
+        // bcrypt takes milliseconds: keep it off the async workers.
+        let h = h.map(<[u8]>::to_vec);
+        let auth = auth.clone();
+        tokio::task::spawn_blocking(move || auth.check(h.as_deref()))
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn healthz(&self) -> Response<Body> {
+        match self.bucket.head("nix-cache-info").await {
+            Ok(_) => plain(StatusCode::OK, "ok\n"),
+            Err(e) => {
+                log(&format!("error: healthz: {e}"));
+                plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the cache storage is unavailable\n",
+                )
+            }
+        }
+    }
+
+    async fn cache_info(&self, route: &Route) -> Response<Body> {
+        let body = match self.small_object(route, "nix-cache-info").await {
+            Ok(Some(b)) => b,
+            // A bucket filled by a tool that writes no nix-cache-info still works.
+            Ok(None) => Bytes::from(format!(
+                "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
+                self.cfg.store_dir, self.cfg.priority
+            )),
+            Err(r) => return r.into(),
+        };
+        let mut r = Response::new(full(body));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type::CACHE_INFO),
+        );
+        r.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=3600"),
+        );
+        r
+    }
+
+    async fn narinfo(&self, route: &Route) -> Response<Body> {
+        let key = route.object_key().unwrap_or_default();
+        match self.small_object(route, &key).await {
+            Ok(Some(b)) => {
+                let mut r = Response::new(full(b));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(content_type::NARINFO),
+                );
+                r.headers_mut().insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=60"),
+                );
+                r
+            }
+            Ok(None) => {
+                let mut r = plain(StatusCode::NOT_FOUND, "not found\n");
+                r.headers_mut().insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=60"),
+                );
+                r
+            }
+            Err(r) => r.into(),
+        }
+    }
+
+    async fn nar(&self, route: &Route, req: &Request<Incoming>, head: bool) -> Response<Body> {
+        let key = route.object_key().unwrap_or_default();
+        if head {
+            let started = Instant::now();
+            let res = self.bucket.head(&key).await;
+            self.metrics.upstream(started.elapsed());
+            return match res {
+                Ok(Some(len)) => {
+                    let mut r = Response::new(empty());
+                    let h = r.headers_mut();
+                    h.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static(content_type::NAR),
+                    );
+                    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+                    r
+                }
+                Ok(None) => plain(StatusCode::NOT_FOUND, "not found\n"),
+                Err(e) => self.storage_failure(route, &e).into(),
+            };
+        }
+        match self.cfg.delivery {
+            Delivery::Proxy => self.proxy(route, req, false).await,
+            Delivery::Redirect => match self.bucket.presign_get(&key, self.cfg.presign_ttl).await {
+                Ok(url) => match HeaderValue::from_str(&url) {
+                    Ok(loc) => {
+                        let mut r = Response::new(empty());
+                        *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                        r.headers_mut().insert(header::LOCATION, loc);
+                        // The URL carries a signature that expires: never store it.
+                        r.headers_mut()
+                            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                        r
+                    }
+                    Err(_) => plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"),
+                },
+                Err(e) => self.storage_failure(route, &e).into(),
+            },
+        }
+    }
+
+    /// Streams an object from the bucket, honouring a single `Range`.
+    async fn proxy(&self, route: &Route, req: &Request<Incoming>, head: bool) -> Response<Body> {
+        let key = route.object_key().unwrap_or_default();
+        let range = match req.headers().get(header::RANGE) {
+            None => None,
+            Some(v) => match v.to_str().ok().filter(|r| valid_range(r)) {
+                Some(r) => Some(r.to_owned()),
+                None => {
+                    return plain(StatusCode::RANGE_NOT_SATISFIABLE, "unsupported range\n");
+                }
+            },
+        };
+        let started = Instant::now();
+        let res = self.bucket.get_stream(&key, range.as_deref()).await;
+        self.metrics.upstream(started.elapsed());
+        let obj = match res {
+            Ok(StreamOutcome::Found(o)) => o,
+            Ok(StreamOutcome::NotFound) => return plain(StatusCode::NOT_FOUND, "not found\n"),
+            Ok(StreamOutcome::RangeNotSatisfiable) => {
+                return plain(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
+            }
+            Err(e) => return self.storage_failure(route, &e).into(),
+        };
+        let mut builder = Response::builder()
+            .status(if obj.content_range.is_some() {
+                StatusCode::PARTIAL_CONTENT
+            } else {
+                StatusCode::OK
+            })
+            .header(header::ACCEPT_RANGES, "bytes");
+        let ct = match route {
+            Route::Nar(_) => content_type::NAR,
+            Route::Listing(_) => content_type::LISTING,
+            _ => content_type::LOG,
+        };
+        builder = builder.header(header::CONTENT_TYPE, ct);
+        if matches!(route, Route::Nar(_)) {
+            // NARs are named by their hash: the bytes under a name never change.
+            builder = builder.header(header::CACHE_CONTROL, "public, max-age=31536000, immutable");
+        }
+        if let Some(n) = obj.length {
+            builder = builder.header(header::CONTENT_LENGTH, n);
+        }
+        if let Some(cr) = &obj.content_range {
+            builder = builder.header(header::CONTENT_RANGE, cr.as_str());
+        }
+        if let Some(e) = &obj.etag {
+            builder = builder.header(header::ETAG, e.as_str());
+        }
+        let body = if head {
+            empty()
+        } else {
+            let stream = obj.into_stream().map_ok(Frame::data);
+            StreamBody::new(stream).boxed_unsync()
+        };
+        builder
+            .body(body)
+            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"))
+    }
+}
+
+/// One `bytes=A-B`, `bytes=A-` or `bytes=-N` range; multiple ranges are not supported.
+fn valid_range(r: &str) -> bool {
+    let Some(spec) = r.strip_prefix("bytes=") else {
+        return false;
+    };
+    let Some((a, b)) = spec.split_once('-') else {
+        return false;
+    };
+    let num = |s: &str| !s.is_empty() && s.len() <= 19 && s.bytes().all(|c| c.is_ascii_digit());
+    match (a.is_empty(), b.is_empty()) {
+        (false, true) => num(a),
+        (true, false) => num(b),
+        (false, false) => num(a) && num(b) && a.parse::<u64>().ok() <= b.parse::<u64>().ok(),
+        (true, true) => false,
+    }
+}
+
+async fn serve_request(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    peer: Arc<str>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let (mut resp, label) = state.handle(&req).await;
+    if req.method() == Method::HEAD {
+        // Same headers as GET, no body. HTTP/1 drops a HEAD body by itself; HTTP/2 would
+        // send it as DATA frames, which clients treat as a protocol error.
+        if let Some(n) = hyper::body::Body::size_hint(resp.body()).exact()
+            && n > 0
+            && !resp.headers().contains_key(header::CONTENT_LENGTH)
+        {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        *resp.body_mut() = empty();
+    }
+    let status = resp.status().as_u16();
+    state.metrics.request(label, status);
+    let len = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .or_else(|| hyper::body::Body::size_hint(resp.body()).exact())
+        .unwrap_or(0);
+    if req.method() != Method::HEAD {
+        state.metrics.bytes(len);
+    }
+    if state.cfg.access_log {
+        // The path only: never a query string, and never the presigned Location.
+        log(&format!(
+            "{peer} {} {} {status} {len} {:.1}ms",
+            req.method(),
+            req.uri().path().chars().take(200).collect::<String>(),
+            started.elapsed().as_secs_f64() * 1000.0
+        ));
+    }
+    Ok(resp)
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// Binds every listener, then serves until `shutdown` resolves, then lets requests in
+/// flight finish (up to 30 s).
+pub async fn serve(
+    mut cfg: GatewayConfig,
+    bucket: S3Bucket,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GatewayError> {
+    let public_key = cfg.signing_key.as_ref().map(|k| k.public().to_string());
+    let state = Arc::new(State {
+        bucket,
+        auth: cfg.auth.take().map(Arc::new),
+        cache: SmallCache::new(cfg.cache_entries, cfg.narinfo_ttl, cfg.negative_ttl),
+        metrics: Metrics::default(),
+        public_key,
+        cfg,
+    });
+
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Conn, Arc<str>)>(64);
+    let mut acceptors = tokio::task::JoinSet::new();
+    for l in &state.cfg.listen {
+        match l {
+            Listen::Tcp(addr) => {
+                let listener =
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| GatewayError::Listen {
+                            addr: l.to_string(),
+                            source,
+                        })?;
+                // Port 0 asks for any free port: say which one we got.
+                let bound = listener
+                    .local_addr()
+                    .map_or(l.to_string(), |a| a.to_string());
+                log(&format!(
+                    "listening on {}://{bound}",
+                    if state.cfg.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    }
+                ));
+                let tx = tx.clone();
+                acceptors.spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((s, peer)) => {
+                                let _ = s.set_nodelay(true);
+                                if tx
+                                    .send((Conn::Tcp(s), peer.to_string().into()))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            // Out of file descriptors and the like: wait, do not spin.
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                });
+            }
+            Listen::Unix(path) => {
+                // A socket left by a previous run would make bind fail; anything else
+                // at that path is not ours to remove.
+                if let Ok(m) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if m.file_type().is_socket() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                let listener = UnixListener::bind(path).map_err(|source| GatewayError::Listen {
+                    addr: l.to_string(),
+                    source,
+                })?;
+                log(&format!("listening on {l}"));
+                let tx = tx.clone();
+                acceptors.spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((s, _)) => {
+                                if tx.send((Conn::Unix(s), Arc::from("unix"))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                });
+            }
+        }
+    }
+    drop(tx);
+
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.cfg.header_timeout)
+        // Bounds the request head: a bigger one is answered 431 without reaching us.
+        .max_buf_size(16 * 1024)
+        .max_headers(64);
+    builder.http2().max_header_list_size(16 * 1024);
+    let builder = Arc::new(builder);
+    let tls = state.cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (conn, peer) = tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => c,
+                None => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let state = state.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let svc_peer = peer.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                serve_request(state.clone(), req, svc_peer.clone())
+            });
+            let _ = match (conn, tls) {
+                (Conn::Tcp(s), Some(acceptor)) => {
+                    let Ok(Ok(s)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(s)).await
+                    else {
+                        return;
+                    };
+                    let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
+                    watcher.watch(c).await
+                }
+                (Conn::Tcp(s), None) => {
+                    let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
+                    watcher.watch(c).await
+                }
+                (Conn::Unix(s), _) => {
+                    let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
+                    watcher.watch(c).await
+                }
+            };
+        });
+    }
+    acceptors.abort_all();
+    log("shutting down: waiting for requests in flight");
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log("shutdown: gave up waiting for open connections after 30 s");
+    }
+    for l in &state.cfg.listen {
+        if let Listen::Unix(p) = l {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    Ok(())
+}
+
+/// Loads a certificate chain and private key (PEM) for HTTPS.
+pub fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, GatewayError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| GatewayError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(GatewayError::Tls(format!(
+            "{}: no certificate in the file",
+            cert.display()
+        )));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| GatewayError::Tls(format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| GatewayError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| GatewayError::Tls(format!("{} and {}: {e}", cert.display(), key.display())))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        for ok in ["bytes=0-99", "bytes=100-", "bytes=-500", "bytes=5-5"] {
+            assert!(valid_range(ok), "{ok}");
+        }
+        for bad in [
+            "bytes=0-1,5-6",
+            "bytes=9-1",
+            "bytes=-",
+            "items=0-1",
+            "bytes=a-b",
+            "bytes=99999999999999999999-",
+            "",
+        ] {
+            assert!(!valid_range(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            "127.0.0.1:80".parse::<Listen>(),
+            Ok(Listen::Tcp("127.0.0.1:80".parse().unwrap()))
+        );
+        assert_eq!(
+            "[::1]:80".parse::<Listen>(),
+            Ok(Listen::Tcp("[::1]:80".parse().unwrap()))
+        );
+        assert_eq!(
+            "unix:/run/x.sock".parse::<Listen>(),
+            Ok(Listen::Unix("/run/x.sock".into()))
+        );
+        assert!("localhost".parse::<Listen>().is_err());
+    }
+}

@@ -1,0 +1,1060 @@
+//! A binary cache in an S3-compatible bucket.
+//!
+//! Configured for every provider, not just AWS (see `shared/object-stores.md`):
+//! - path-style addressing unless the endpoint is AWS (overridable);
+//! - checksums only when an operation requires them, and bodies with a known length, so
+//!   no `aws-chunked` encoding or trailers reach B2, R2, Ceph or SeaweedFS;
+//! - our own retry loop (the SDK's is off) with exponential backoff, full jitter and
+//!   `Retry-After`, so every retried request is visible to our accounting;
+//! - objects below one part go in one PUT; larger ones go multipart with fixed-size parts
+//!   (R2 requires equal parts), at most 10,000 of them, within a global memory budget.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::meta::region::RegionProviderChain;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{
+    Region, RequestChecksumCalculation, ResponseChecksumValidation, retry::RetryConfig,
+    timeout::TimeoutConfig,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use futures::StreamExt;
+
+use super::{RequestStats, Staged, Storage, StorageError};
+
+/// S3 refuses more parts than this in one multipart upload.
+pub const MAX_PARTS: u64 = 10_000;
+/// S3's smallest part (all but the last).
+pub const MIN_PART_SIZE: usize = 5 << 20;
+
+/// Where and how to reach the bucket.
+#[derive(Clone, Debug, Default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix without leading or trailing slash; empty for the bucket root.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    /// `None`: path-style for custom endpoints, virtual-hosted for AWS.
+    pub path_style: Option<bool>,
+    /// Multipart part size; objects smaller than this go in one PUT.
+    pub part_size: usize,
+    /// Parts buffered or in flight across all uploads (the memory budget in parts).
+    pub parts_in_flight: usize,
+    /// Attempts per request, including the first.
+    pub max_attempts: u32,
+    /// Longest wait for the next byte of a response.
+    pub read_timeout: Duration,
+}
+
+impl S3Config {
+    pub fn new(bucket: &str) -> Self {
+        S3Config {
+            bucket: bucket.to_owned(),
+            part_size: 16 << 20,
+            parts_in_flight: 8,
+            max_attempts: 6,
+            read_timeout: Duration::from_secs(120),
+            ..S3Config::default()
+        }
+    }
+}
+
+/// Counts of requests by verb, for tests, `--json` and benchmarks.
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    pub head: AtomicU64,
+    pub get: AtomicU64,
+    pub put: AtomicU64,
+    pub multipart: AtomicU64,
+    pub delete: AtomicU64,
+    pub list: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+struct Inner {
+    client: Client,
+    cfg: S3Config,
+    parts: Arc<Semaphore>,
+    counts: RequestCounts,
+    /// Multipart uploads started and not yet completed or aborted: upload id → key.
+    open: Mutex<HashMap<String, String>>,
+    credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
+}
+
+#[derive(Clone)]
+pub struct S3Bucket {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for S3Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "S3Bucket({})", self.describe())
+    }
+}
+
+fn is_aws(endpoint: &str) -> bool {
+    let host = endpoint
+        .split("://")
+        .nth(1)
+        .unwrap_or(endpoint)
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("");
+    host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn")
+}
+
+impl S3Bucket {
+    /// Builds the client from the URL's settings and the standard AWS configuration chain
+    /// (environment, profiles, SSO, web identity, process credentials).
+    pub async fn connect(cfg: S3Config) -> Result<Self, StorageError> {
+        if cfg.bucket.is_empty() {
+            return Err(StorageError::Config("the S3 URL names no bucket".into()));
+        }
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(p) = &cfg.profile {
+            loader = loader.profile_name(p);
+        }
+        // Region: explicit, then AWS_REGION / the profile, then us-east-1. The instance
+        // metadata service is deliberately not asked: off EC2 it only adds a timeout.
+        let region = match &cfg.region {
+            Some(r) => RegionProviderChain::first_try(Region::new(r.clone())),
+            None => {
+                let mut profile = aws_config::profile::ProfileFileRegionProvider::builder();
+                if let Some(p) = &cfg.profile {
+                    profile = profile.profile_name(p);
+                }
+                RegionProviderChain::first_try(
+                    aws_config::environment::EnvironmentVariableRegionProvider::new(),
+                )
+                .or_else(profile.build())
+                .or_else(Region::new("us-east-1"))
+            }
+        };
+        loader = loader.region(region);
+        if let Some(e) = &cfg.endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        let sdk = loader.load().await;
+        let endpoint = cfg
+            .endpoint
+            .clone()
+            .or_else(|| sdk.endpoint_url().map(str::to_owned));
+        let path_style = cfg
+            .path_style
+            .unwrap_or_else(|| endpoint.as_deref().is_some_and(|e| !is_aws(e)));
+        let s3 = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .read_timeout(if cfg.read_timeout.is_zero() {
+                        Duration::from_secs(120)
+                    } else {
+                        cfg.read_timeout
+                    })
+                    .build(),
+            )
+            .build();
+        let parts = Arc::new(Semaphore::new(cfg.parts_in_flight.max(1)));
+        Ok(S3Bucket {
+            inner: Arc::new(Inner {
+                client: Client::from_conf(s3),
+                cfg,
+                parts,
+                counts: RequestCounts::default(),
+                open: Mutex::new(HashMap::new()),
+                credentials: sdk.credentials_provider(),
+            }),
+        })
+    }
+
+    pub fn counts(&self) -> &RequestCounts {
+        &self.inner.counts
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.inner.cfg.bucket
+    }
+
+    /// The object key for a cache key, under the prefix.
+    pub fn object_key(&self, key: &str) -> String {
+        self.inner.object_key(key)
+    }
+
+    /// Open multipart uploads under the prefix: (relative key, upload id).
+    async fn list_uploads(&self) -> Result<Vec<(String, String)>, StorageError> {
+        let i = &self.inner;
+        let prefix = i.object_key("");
+        let strip = prefix.len();
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let res = i
+                .retry("ListMultipartUploads", "", || {
+                    i.counts.list.fetch_add(1, Ordering::Relaxed);
+                    i.client
+                        .list_multipart_uploads()
+                        .bucket(&i.cfg.bucket)
+                        .prefix(&prefix)
+                        .set_key_marker(key_marker.clone())
+                        .set_upload_id_marker(id_marker.clone())
+                        .send()
+                })
+                .await?
+                .map_err(|c| to_error("ListMultipartUploads", "", c))?;
+            for u in res.uploads() {
+                if let (Some(k), Some(id)) = (u.key(), u.upload_id()) {
+                    out.push((k.get(strip..).unwrap_or(k).to_owned(), id.to_owned()));
+                }
+            }
+            if res.is_truncated() == Some(true) {
+                key_marker = res.next_key_marker().map(str::to_owned);
+                id_marker = res.next_upload_id_marker().map(str::to_owned);
+                if key_marker.is_none() {
+                    break;
+                }
+            } else {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the credential chain yields any credentials (CI jobs for pull requests from
+    /// forks run without secrets).
+    pub async fn has_credentials(&self) -> bool {
+        use aws_sdk_s3::config::ProvideCredentials;
+        match &self.inner.credentials {
+            Some(p) => p.provide_credentials().await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// A URL that lets its holder GET `key` without credentials until it expires.
+    pub async fn presign_get(&self, key: &str, expires: Duration) -> Result<String, StorageError> {
+        let i = &self.inner;
+        let cfg = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires)
+            .map_err(|e| StorageError::Config(format!("presigned URL lifetime: {e}")))?;
+        let req = i
+            .client
+            .get_object()
+            .bucket(&i.cfg.bucket)
+            .key(i.object_key(key))
+            .presigned(cfg)
+            .await
+            .map_err(|e| to_error("presign GET", key, classify(&e)))?;
+        Ok(req.uri().to_owned())
+    }
+
+    /// Opens `key` for streaming, optionally a byte range (an HTTP `Range` value).
+    pub async fn get_stream(
+        &self,
+        key: &str,
+        range: Option<&str>,
+    ) -> Result<StreamOutcome, StorageError> {
+        let i = &self.inner;
+        let obj = i.object_key(key);
+        let res = i
+            .retry("GET", key, || {
+                i.counts.get.fetch_add(1, Ordering::Relaxed);
+                i.client
+                    .get_object()
+                    .bucket(&i.cfg.bucket)
+                    .key(&obj)
+                    .set_range(range.map(str::to_owned))
+                    .send()
+            })
+            .await?;
+        match res {
+            Ok(o) => Ok(StreamOutcome::Found(ObjectStream {
+                length: o.content_length().map(|n| n.max(0) as u64),
+                content_range: o.content_range().map(str::to_owned),
+                etag: o.e_tag().map(str::to_owned),
+                body: o.body,
+            })),
+            Err(c) if c.not_found => Ok(StreamOutcome::NotFound),
+            Err(c) if c.status == Some(416) => Ok(StreamOutcome::RangeNotSatisfiable),
+            Err(c) => Err(to_error("GET", key, c)),
+        }
+    }
+
+    /// Part size for an object of about `size_hint` bytes: the configured size, grown so
+    /// that the object fits in well under 10,000 parts.
+    fn part_size_for(&self, size_hint: u64) -> usize {
+        let configured = self.inner.cfg.part_size.max(MIN_PART_SIZE);
+        // Compressed NARs can be slightly larger than the NAR; leave 10% of the parts spare.
+        let needed = (size_hint + size_hint / 50).div_ceil(MAX_PARTS * 9 / 10);
+        configured.max(needed as usize)
+    }
+}
+
+/// What a failed request means for us.
+struct Classified {
+    message: String,
+    transient: bool,
+    denied: bool,
+    not_found: bool,
+    precondition: bool,
+    /// No answer at all: the endpoint is unreachable or timed out.
+    unreachable: bool,
+    timeout: bool,
+    /// The HTTP status, when there was a response.
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+}
+
+fn classify<E>(err: &SdkError<E, HttpResponse>) -> Classified
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let mut c = Classified {
+        message: String::new(),
+        transient: false,
+        denied: false,
+        not_found: false,
+        precondition: false,
+        unreachable: false,
+        timeout: false,
+        status: None,
+        retry_after: None,
+    };
+    match err {
+        SdkError::TimeoutError(_) => {
+            c.transient = true;
+            c.unreachable = true;
+            c.timeout = true;
+            c.message = "request timed out".into();
+        }
+        SdkError::DispatchFailure(d) => {
+            c.transient = d.is_io() || d.is_timeout() || d.is_other();
+            c.unreachable = true;
+            c.timeout = d.is_timeout();
+            c.message = format!("cannot reach the endpoint: {}", crate::error_chain(err));
+        }
+        SdkError::ResponseError(_) => {
+            c.transient = true;
+            c.message = format!("broken response: {}", crate::error_chain(err));
+        }
+        SdkError::ServiceError(se) => {
+            let raw = se.raw();
+            let status = raw.status().as_u16();
+            c.status = Some(status);
+            let code = se.err().code().unwrap_or("");
+            c.retry_after = raw
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            c.transient = status >= 500
+                || status == 429
+                || matches!(
+                    code,
+                    "SlowDown"
+                        | "RequestTimeout"
+                        | "InternalError"
+                        | "ServiceUnavailable"
+                        | "Throttling"
+                        | "ThrottlingException"
+                        | "TooManyRequests"
+                );
+            c.denied = status == 401 || status == 403;
+            c.not_found = status == 404;
+            c.precondition = status == 412;
+            let msg = se.err().message().unwrap_or("");
+            c.message = if code.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                format!(
+                    "HTTP {status} {code}{}{msg}",
+                    if msg.is_empty() { "" } else { ": " }
+                )
+            };
+            // A HEAD has no body, so its 403 carries no error code: the Date header still
+            // tells a wrong local clock apart from wrong credentials.
+            if status == 403
+                && code.is_empty()
+                && let Some(skew) = clock_skew(raw.headers().get("date"))
+            {
+                c.message.push_str(&format!(
+                    " (the server's clock and ours differ by {} minutes: the system clock is off; fix it with NTP)",
+                    skew.as_secs() / 60
+                ));
+            }
+            if code == "RequestTimeTooSkewed" {
+                c.message
+                    .push_str(" (the system clock is off; fix it with NTP)");
+            }
+        }
+        _ => c.message = crate::error_chain(err),
+    }
+    c
+}
+
+/// How far the server's `Date` is from our clock, when more than S3's 15-minute window.
+fn clock_skew(date: Option<&str>) -> Option<Duration> {
+    let server =
+        aws_smithy_types::DateTime::from_str(date?, aws_smithy_types::date_time::Format::HttpDate)
+            .ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    let diff = Duration::from_secs(now.abs_diff(server.secs()));
+    (diff > Duration::from_secs(15 * 60)).then_some(diff)
+}
+
+fn to_error(op: &'static str, key: &str, c: Classified) -> StorageError {
+    if c.unreachable {
+        StorageError::Unavailable {
+            op,
+            key: key.to_owned(),
+            message: c.message,
+            timeout: c.timeout,
+        }
+    } else if c.denied {
+        StorageError::Denied {
+            op,
+            key: key.to_owned(),
+            message: c.message,
+        }
+    } else {
+        StorageError::Remote {
+            op,
+            key: key.to_owned(),
+            message: c.message,
+            transient: c.transient,
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: a random wait up to min(cap, base × 2^attempt).
+fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_secs(20);
+    let exp = Duration::from_millis(200).saturating_mul(1u32 << attempt.min(10));
+    let max = exp.min(cap);
+    let ms = rand::rng().random_range(0..=max.as_millis() as u64);
+    Duration::from_millis(ms.max(50))
+}
+
+impl Inner {
+    /// Runs `f` until it succeeds, fails for good, or runs out of attempts.
+    /// `Ok(Err(c))` hands a definite, non-transient answer (404, 412) back to the caller.
+    async fn retry<T, E, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut f: F,
+    ) -> Result<Result<T, Classified>, StorageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let mut attempt = 0;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(Ok(v)),
+                Err(e) => {
+                    let c = classify(&e);
+                    if c.not_found || c.precondition || c.status == Some(416) {
+                        return Ok(Err(c));
+                    }
+                    attempt += 1;
+                    if !c.transient || attempt >= self.cfg.max_attempts {
+                        return Err(to_error(op, key, c));
+                    }
+                    self.counts.retries.fetch_add(1, Ordering::Relaxed);
+                    let wait = c
+                        .retry_after
+                        .map(|d| d.min(Duration::from_secs(120)))
+                        .unwrap_or_else(|| backoff(attempt));
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn put_bytes(
+        &self,
+        key: &str,
+        content_type: &'static str,
+        body: Bytes,
+        if_absent: bool,
+    ) -> Result<bool, StorageError> {
+        let obj = self.object_key(key);
+        let res = self
+            .retry("PUT", key, || {
+                self.counts.put.fetch_add(1, Ordering::Relaxed);
+                let mut req = self
+                    .client
+                    .put_object()
+                    .bucket(&self.cfg.bucket)
+                    .key(&obj)
+                    .content_type(content_type)
+                    .body(ByteStream::from(body.clone()));
+                if if_absent {
+                    req = req.if_none_match("*");
+                }
+                req.send()
+            })
+            .await?;
+        match res {
+            Ok(_) => Ok(true),
+            Err(c) if c.precondition && if_absent => Ok(false),
+            Err(c) => Err(to_error("PUT", key, c)),
+        }
+    }
+
+    fn object_key(&self, key: &str) -> String {
+        if self.cfg.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.cfg.prefix)
+        }
+    }
+}
+
+impl Storage for S3Bucket {
+    type Staged = S3Staged;
+
+    fn describe(&self) -> String {
+        let c = &self.inner.cfg;
+        let mut s = format!("s3://{}", c.bucket);
+        if !c.prefix.is_empty() {
+            s.push('/');
+            s.push_str(&c.prefix);
+        }
+        if let Some(e) = &c.endpoint {
+            s.push_str(" at ");
+            s.push_str(e);
+        }
+        s
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        let i = &self.inner;
+        let obj = i.object_key(key);
+        let res = i
+            .retry("HEAD", key, || {
+                i.counts.head.fetch_add(1, Ordering::Relaxed);
+                i.client
+                    .head_object()
+                    .bucket(&i.cfg.bucket)
+                    .key(&obj)
+                    .send()
+            })
+            .await?;
+        match res {
+            Ok(o) => Ok(Some(o.content_length().unwrap_or(0).max(0) as u64)),
+            Err(c) if c.not_found => Ok(None),
+            Err(c) => Err(to_error("HEAD", key, c)),
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        let i = &self.inner;
+        let obj = i.object_key(key);
+        let mut attempt = 0;
+        loop {
+            let res = i
+                .retry("GET", key, || {
+                    i.counts.get.fetch_add(1, Ordering::Relaxed);
+                    i.client.get_object().bucket(&i.cfg.bucket).key(&obj).send()
+                })
+                .await?;
+            let out = match res {
+                Ok(o) => o,
+                Err(c) if c.not_found => return Ok(None),
+                Err(c) => return Err(to_error("GET", key, c)),
+            };
+            // A body cut short is retried like any other transient failure.
+            match out.body.collect().await {
+                Ok(b) => return Ok(Some(b.into_bytes())),
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= i.cfg.max_attempts {
+                        return Err(StorageError::Remote {
+                            op: "GET",
+                            key: key.to_owned(),
+                            message: format!("body cut short: {e}"),
+                            transient: true,
+                        });
+                    }
+                    i.counts.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn put(&self, key: &str, ct: &'static str, body: Bytes) -> Result<(), StorageError> {
+        self.inner.put_bytes(key, ct, body, false).await.map(|_| ())
+    }
+
+    async fn put_if_absent(
+        &self,
+        key: &str,
+        ct: &'static str,
+        body: Bytes,
+    ) -> Result<bool, StorageError> {
+        // HEAD first: some stores ignore If-None-Match (older Garage) and would overwrite.
+        if self.head(key).await?.is_some() {
+            return Ok(false);
+        }
+        self.inner.put_bytes(key, ct, body, true).await
+    }
+
+    async fn stage(
+        &self,
+        key: &str,
+        ct: &'static str,
+        size_hint: u64,
+        mut body: mpsc::Receiver<Bytes>,
+    ) -> Result<S3Staged, StorageError> {
+        let part_size = self.part_size_for(size_hint);
+        let mut buf = BytesMut::with_capacity(part_size.min(1 << 20));
+        // Below one part: a single PUT on commit, nothing sent yet.
+        while buf.len() < part_size {
+            match body.recv().await {
+                Some(chunk) => buf.extend_from_slice(&chunk),
+                None => {
+                    return Ok(S3Staged::Single {
+                        bucket: self.clone(),
+                        key: key.to_owned(),
+                        ct,
+                        body: buf.freeze(),
+                    });
+                }
+            }
+        }
+        let mut mp = Multipart::start(self.clone(), key, ct).await?;
+        let sent: Result<(), StorageError> = async {
+            loop {
+                while buf.len() >= part_size {
+                    let part = buf.split_to(part_size).freeze();
+                    mp.send_part(part).await?;
+                }
+                match body.recv().await {
+                    Some(chunk) => buf.extend_from_slice(&chunk),
+                    None => break,
+                }
+            }
+            if !buf.is_empty() {
+                mp.send_part(buf.freeze()).await?;
+            }
+            mp.wait_parts().await
+        }
+        .await;
+        match sent {
+            Ok(()) => Ok(S3Staged::Multi(mp)),
+            Err(e) => {
+                // Aborted here and awaited, not left to Drop: the process may exit next.
+                mp.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let i = &self.inner;
+        let obj = i.object_key(key);
+        let res = i
+            .retry("DELETE", key, || {
+                i.counts.delete.fetch_add(1, Ordering::Relaxed);
+                i.client
+                    .delete_object()
+                    .bucket(&i.cfg.bucket)
+                    .key(&obj)
+                    .send()
+            })
+            .await?;
+        match res {
+            Ok(_) => Ok(()),
+            Err(c) if c.not_found => Ok(()),
+            Err(c) => Err(to_error("DELETE", key, c)),
+        }
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<super::ObjectBytes>, StorageError> {
+        match self.get_stream(key, None).await? {
+            StreamOutcome::Found(o) => Ok(Some(Box::pin(o.into_stream()))),
+            _ => Ok(None),
+        }
+    }
+
+    async fn open_uploads(&self) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .list_uploads()
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    async fn abort_all_open_uploads(&self) -> Result<usize, StorageError> {
+        let open = self.list_uploads().await?;
+        let n = open.len();
+        futures::stream::iter(open)
+            .for_each_concurrent(8, |(key, id)| async move {
+                abort_upload(self, &key, &id).await;
+            })
+            .await;
+        Ok(n)
+    }
+
+    fn stats(&self) -> RequestStats {
+        let c = &self.inner.counts;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RequestStats {
+            head: l(&c.head),
+            get: l(&c.get),
+            put: l(&c.put),
+            multipart: l(&c.multipart),
+            delete: l(&c.delete),
+            list: l(&c.list),
+            retries: l(&c.retries),
+        }
+    }
+
+    async fn abort_open_uploads(&self) -> usize {
+        let open: Vec<(String, String)> = match self.inner.open.lock() {
+            Ok(mut m) => m.drain().collect(),
+            Err(_) => return 0,
+        };
+        let n = open.len();
+        futures::stream::iter(open)
+            .for_each_concurrent(8, |(id, key)| async move {
+                abort_upload(self, &key, &id).await;
+            })
+            .await;
+        n
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let i = &self.inner;
+        let full = i.object_key(prefix);
+        let strip = if i.cfg.prefix.is_empty() {
+            0
+        } else {
+            i.cfg.prefix.len() + 1
+        };
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let res = i
+                .retry("LIST", prefix, || {
+                    i.counts.list.fetch_add(1, Ordering::Relaxed);
+                    i.client
+                        .list_objects_v2()
+                        .bucket(&i.cfg.bucket)
+                        .prefix(&full)
+                        .set_continuation_token(token.clone())
+                        .send()
+                })
+                .await?
+                .map_err(|c| to_error("LIST", prefix, c))?;
+            for o in res.contents() {
+                if let Some(k) = o.key() {
+                    out.push(k.get(strip..).unwrap_or(k).to_owned());
+                }
+            }
+            match res.next_continuation_token() {
+                Some(t) if res.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What [`S3Bucket::get_stream`] found.
+pub enum StreamOutcome {
+    Found(ObjectStream),
+    NotFound,
+    RangeNotSatisfiable,
+}
+
+/// An object being read: its headers, and its body as it arrives.
+pub struct ObjectStream {
+    pub length: Option<u64>,
+    /// Set for a range request (`bytes 0-99/1234`).
+    pub content_range: Option<String>,
+    pub etag: Option<String>,
+    pub body: ByteStream,
+}
+
+impl ObjectStream {
+    /// The body as a stream of chunks, for an HTTP response.
+    pub fn into_stream(
+        self,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        futures::stream::unfold(self.body, |mut body| async move {
+            body.next()
+                .await
+                .map(|r| (r.map_err(std::io::Error::other), body))
+        })
+    }
+}
+
+/// A multipart upload in progress; aborted unless completed.
+pub struct Multipart {
+    bucket: S3Bucket,
+    key: String,
+    upload_id: String,
+    next_part: i32,
+    size: u64,
+    in_flight: JoinSet<Result<CompletedPart, StorageError>>,
+    done: Vec<CompletedPart>,
+    finished: bool,
+}
+
+impl Multipart {
+    async fn start(bucket: S3Bucket, key: &str, ct: &'static str) -> Result<Self, StorageError> {
+        let i = &bucket.inner;
+        let obj = i.object_key(key);
+        let out = i
+            .retry("CreateMultipartUpload", key, || {
+                i.counts.multipart.fetch_add(1, Ordering::Relaxed);
+                i.client
+                    .create_multipart_upload()
+                    .bucket(&i.cfg.bucket)
+                    .key(&obj)
+                    .content_type(ct)
+                    .send()
+            })
+            .await?
+            .map_err(|c| to_error("CreateMultipartUpload", key, c))?;
+        let upload_id = out
+            .upload_id()
+            .ok_or_else(|| StorageError::Remote {
+                op: "CreateMultipartUpload",
+                key: key.to_owned(),
+                message: "the response has no UploadId".into(),
+                transient: false,
+            })?
+            .to_owned();
+        if let Ok(mut open) = i.open.lock() {
+            open.insert(upload_id.clone(), key.to_owned());
+        }
+        Ok(Multipart {
+            bucket: bucket.clone(),
+            key: key.to_owned(),
+            upload_id,
+            next_part: 1,
+            size: 0,
+            in_flight: JoinSet::new(),
+            done: Vec::new(),
+            finished: false,
+        })
+    }
+
+    /// Uploads a part in the background once the global part budget has room.
+    async fn send_part(&mut self, body: Bytes) -> Result<(), StorageError> {
+        // Reap finished parts first so an early failure stops the upload promptly.
+        while let Some(r) = self.in_flight.try_join_next() {
+            self.done.push(joined(r, &self.key)??);
+        }
+        let permit: OwnedSemaphorePermit = self
+            .bucket
+            .inner
+            .parts
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StorageError::Config("part budget closed".into()))?;
+        let n = self.next_part;
+        self.next_part += 1;
+        self.size += body.len() as u64;
+        let bucket = self.bucket.clone();
+        let key = self.key.clone();
+        let upload_id = self.upload_id.clone();
+        self.in_flight.spawn(async move {
+            let _permit = permit;
+            let i = &bucket.inner;
+            let obj = i.object_key(&key);
+            let out = i
+                .retry("UploadPart", &key, || {
+                    i.counts.multipart.fetch_add(1, Ordering::Relaxed);
+                    i.client
+                        .upload_part()
+                        .bucket(&i.cfg.bucket)
+                        .key(&obj)
+                        .upload_id(&upload_id)
+                        .part_number(n)
+                        .body(ByteStream::from(body.clone()))
+                        .send()
+                })
+                .await?
+                .map_err(|c| to_error("UploadPart", &key, c))?;
+            Ok(CompletedPart::builder()
+                .part_number(n)
+                .set_e_tag(out.e_tag().map(str::to_owned))
+                .build())
+        });
+        Ok(())
+    }
+
+    async fn wait_parts(&mut self) -> Result<(), StorageError> {
+        while let Some(r) = self.in_flight.join_next().await {
+            self.done.push(joined(r, &self.key)??);
+        }
+        Ok(())
+    }
+
+    async fn complete(mut self) -> Result<(), StorageError> {
+        self.done.sort_by_key(|p| p.part_number());
+        let parts = std::mem::take(&mut self.done);
+        let i = self.bucket.inner.clone();
+        let obj = i.object_key(&self.key);
+        let upload = CompletedMultipartUpload::builder()
+            .set_parts(Some(parts))
+            .build();
+        let res = i
+            .retry("CompleteMultipartUpload", &self.key, || {
+                i.counts.multipart.fetch_add(1, Ordering::Relaxed);
+                i.client
+                    .complete_multipart_upload()
+                    .bucket(&i.cfg.bucket)
+                    .key(&obj)
+                    .upload_id(&self.upload_id)
+                    .multipart_upload(upload.clone())
+                    .send()
+            })
+            .await?;
+        let res = match res {
+            Ok(_) => Ok(()),
+            // A retried Complete whose first attempt succeeded (its answer was lost) finds
+            // the upload gone: the object is there, and that is success.
+            Err(c) if c.not_found && self.bucket.head(&self.key).await?.is_some() => Ok(()),
+            Err(c) => Err(to_error("CompleteMultipartUpload", &self.key, c)),
+        };
+        if res.is_ok() {
+            self.finished = true;
+            if let Ok(mut open) = i.open.lock() {
+                open.remove(&self.upload_id);
+            }
+        }
+        res
+    }
+
+    async fn abort(mut self) {
+        self.in_flight.abort_all();
+        while self.in_flight.join_next().await.is_some() {}
+        abort_upload(&self.bucket, &self.key, &self.upload_id).await;
+        self.finished = true;
+    }
+}
+
+fn joined(
+    r: Result<Result<CompletedPart, StorageError>, tokio::task::JoinError>,
+    key: &str,
+) -> Result<Result<CompletedPart, StorageError>, StorageError> {
+    r.map_err(|e| StorageError::Remote {
+        op: "UploadPart",
+        key: key.to_owned(),
+        message: format!("part task failed: {e}"),
+        transient: false,
+    })
+}
+
+async fn abort_upload(bucket: &S3Bucket, key: &str, upload_id: &str) {
+    let i = &bucket.inner;
+    let obj = i.object_key(key);
+    let res = i
+        .retry("AbortMultipartUpload", key, || {
+            i.counts.multipart.fetch_add(1, Ordering::Relaxed);
+            i.client
+                .abort_multipart_upload()
+                .bucket(&i.cfg.bucket)
+                .key(&obj)
+                .upload_id(upload_id)
+                .send()
+        })
+        .await;
+    // Forgotten only once the store confirmed, so that an abort cut short by Ctrl-C is
+    // still found by `abort_open_uploads`.
+    if matches!(res, Ok(Ok(_))) || matches!(&res, Ok(Err(c)) if c.not_found) {
+        if let Ok(mut open) = i.open.lock() {
+            open.remove(upload_id);
+        }
+    }
+}
+
+impl Drop for Multipart {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Dropped mid-way (a failed part, Ctrl-C): abort it so no upload is left open and
+        // billed. Best effort; on shutdown the runtime may already be gone.
+        self.in_flight.abort_all();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let bucket = self.bucket.clone();
+            let key = self.key.clone();
+            let upload_id = self.upload_id.clone();
+            handle.spawn(async move { abort_upload(&bucket, &key, &upload_id).await });
+        }
+    }
+}
+
+/// Bytes stored but not yet visible.
+pub enum S3Staged {
+    /// Small enough for one PUT, which is the commit.
+    Single {
+        bucket: S3Bucket,
+        key: String,
+        ct: &'static str,
+        body: Bytes,
+    },
+    /// All parts uploaded; CompleteMultipartUpload is the commit.
+    Multi(Multipart),
+}
+
+impl Staged for S3Staged {
+    async fn commit(self) -> Result<u64, StorageError> {
+        match self {
+            S3Staged::Single {
+                bucket,
+                key,
+                ct,
+                body,
+            } => {
+                let n = body.len() as u64;
+                bucket.inner.put_bytes(&key, ct, body, false).await?;
+                Ok(n)
+            }
+            S3Staged::Multi(mp) => {
+                let n = mp.size;
+                mp.complete().await?;
+                Ok(n)
+            }
+        }
+    }
+
+    async fn abort(self) {
+        if let S3Staged::Multi(mp) = self {
+            mp.abort().await;
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! `cachepush verify`: checks a whole cache against the invariants every client relies on.
+//!
+//! - `nix-cache-info` exists and parses;
+//! - every narinfo parses, and names the store path its key says;
+//! - its NAR object exists with `FileSize` bytes;
+//! - every reference has a narinfo (the closure is complete);
+//! - with trusted keys given, a signature by one of them verifies;
+//! - with `full`, the NAR's bytes hash to `FileHash`, and decompressed to `NarHash`/`NarSize`;
+//! - no multipart upload is left open.
+//!
+//! Walking the cache uses a listing (the only way to find every narinfo); anything the
+//! listing claims is missing is confirmed with a HEAD, since listings lag on some stores.
+
+use std::collections::HashSet;
+use std::io::Read;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use sha2::Digest;
+use tokio::sync::mpsc;
+
+use crate::format::{CacheInfo, NarInfo, PublicKey, Sha256};
+use crate::storage::{Storage, StorageError};
+
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    pub trusted: Vec<PublicKey>,
+    pub full: bool,
+    pub concurrency: usize,
+}
+
+/// One thing wrong, with the object it is about.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    pub key: String,
+    pub problem: String,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct VerifyReport {
+    pub narinfos: usize,
+    pub nars_checked: usize,
+    pub open_uploads: usize,
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    fn add(&mut self, key: impl Into<String>, problem: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            problem: problem.into(),
+        });
+    }
+}
+
+/// Checks the whole cache. Storage errors (the cache cannot be read at all) are errors;
+/// everything wrong with its contents is a [`Problem`] in the report.
+pub async fn verify<S: Storage>(
+    storage: &S,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, StorageError> {
+    let mut report = VerifyReport::default();
+    match storage.get("nix-cache-info").await? {
+        None => report.add("nix-cache-info", "missing: Nix will not use this cache"),
+        Some(b) => {
+            if let Err(e) = CacheInfo::parse(&String::from_utf8_lossy(&b)) {
+                report.add("nix-cache-info", format!("unreadable: {e}"));
+            }
+        }
+    }
+    let keys = storage.list("").await?;
+    let narinfo_keys: Vec<String> = keys
+        .iter()
+        .filter(|k| !k.contains('/') && k.ends_with(".narinfo"))
+        .cloned()
+        .collect();
+    let listed: HashSet<String> = narinfo_keys
+        .iter()
+        .filter_map(|k| k.strip_suffix(".narinfo").map(str::to_owned))
+        .collect();
+    report.narinfos = narinfo_keys.len();
+    let concurrency = opts.concurrency.max(1);
+    let listed = &listed;
+    let results = futures::stream::iter(narinfo_keys.into_iter().map(|key| async move {
+        let r = check_one(storage, &key, listed, opts).await;
+        (key, r)
+    }))
+    .buffer_unordered(concurrency)
+    .collect::<Vec<_>>()
+    .await;
+    for (key, r) in results {
+        let (problems, nar_checked) = r?;
+        report.nars_checked += nar_checked as usize;
+        for p in problems {
+            report.add(key.clone(), p);
+        }
+    }
+    for k in storage.open_uploads().await? {
+        report.open_uploads += 1;
+        report.add(
+            k,
+            "a multipart upload was left open (interrupted push); `cachepush verify --abort-open-uploads` or a lifecycle rule removes it",
+        );
+    }
+    report
+        .problems
+        .sort_by(|a, b| a.key.cmp(&b.key).then(a.problem.cmp(&b.problem)));
+    Ok(report)
+}
+
+async fn check_one<S: Storage>(
+    storage: &S,
+    key: &str,
+    listed: &HashSet<String>,
+    opts: &VerifyOptions,
+) -> Result<(Vec<String>, bool), StorageError> {
+    let mut problems = Vec::new();
+    let Some(text) = storage.get(key).await? else {
+        // Listed, then gone: deleted meanwhile. Not a problem of the cache.
+        return Ok((problems, false));
+    };
+    let ni = match std::str::from_utf8(&text)
+        .map_err(|e| e.to_string())
+        .and_then(|t| NarInfo::parse(t).map_err(|e| e.to_string()))
+    {
+        Ok(ni) => ni,
+        Err(e) => {
+            problems.push(format!("unreadable narinfo: {e}"));
+            return Ok((problems, false));
+        }
+    };
+    let hash = key.trim_end_matches(".narinfo");
+    if ni.store_path.hash_part() != hash {
+        problems.push(format!(
+            "describes {} but is stored under {hash}",
+            ni.store_path
+        ));
+    }
+    match storage.head(&ni.url).await? {
+        None => problems.push(format!("its NAR {} is missing", ni.url)),
+        Some(size) => {
+            if let Some(fs) = ni.file_size
+                && fs != size
+            {
+                problems.push(format!(
+                    "its NAR {} has {size} bytes, FileSize says {fs}",
+                    ni.url
+                ));
+            }
+        }
+    }
+    for r in &ni.references {
+        if r.hash_part() == hash || listed.contains(r.hash_part()) {
+            continue;
+        }
+        if storage
+            .head(&format!("{}.narinfo", r.hash_part()))
+            .await?
+            .is_none()
+        {
+            problems.push(format!("refers to {r}, which has no narinfo"));
+        }
+    }
+    if !opts.trusted.is_empty() && !ni.is_signed_by_any(&opts.trusted) {
+        let names: Vec<&str> = ni.sigs.iter().map(|s| s.key_name()).collect();
+        problems.push(if names.is_empty() {
+            "not signed".to_owned()
+        } else {
+            format!(
+                "no valid signature by a trusted key (signed by: {})",
+                names.join(", ")
+            )
+        });
+    }
+    let mut checked = false;
+    if opts.full {
+        checked = true;
+        problems.extend(check_nar(storage, &ni).await?);
+    }
+    Ok((problems, checked))
+}
+
+/// Downloads the NAR, checks FileHash/FileSize on the bytes and NarHash/NarSize after
+/// decompression, streaming: memory does not grow with the NAR.
+async fn check_nar<S: Storage>(storage: &S, ni: &NarInfo) -> Result<Vec<String>, StorageError> {
+    let mut problems = Vec::new();
+    let Some(mut body) = storage.read(&ni.url).await? else {
+        return Ok(problems); // already reported as missing
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let compression = ni.compression.clone();
+    let decoder = tokio::task::spawn_blocking(move || decompress_and_hash(&compression, rx));
+    let mut file_hash = sha2::Sha256::new();
+    let mut file_size = 0u64;
+    let mut read_error = None;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => {
+                file_hash.update(&c);
+                file_size += c.len() as u64;
+                if tx.send(c).await.is_err() {
+                    break; // the decoder stopped: it says why
+                }
+            }
+            Err(e) => {
+                read_error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    drop(tx);
+    if let Some(e) = read_error {
+        problems.push(format!("reading {}: {e}", ni.url));
+        return Ok(problems);
+    }
+    let file_hash = Sha256::from_bytes(file_hash.finalize().into());
+    if ni.file_hash.is_some_and(|h| h != file_hash) || ni.file_size.is_some_and(|s| s != file_size)
+    {
+        problems.push(format!(
+            "{} hashes to {file_hash} ({file_size} bytes), FileHash/FileSize say otherwise",
+            ni.url
+        ));
+    }
+    match decoder.await {
+        Ok(Ok((nar_hash, nar_size))) => {
+            if nar_hash != ni.nar_hash || nar_size != ni.nar_size {
+                problems.push(format!(
+                    "{} decompresses to {nar_hash} ({nar_size} bytes), NarHash says {} ({} bytes)",
+                    ni.url, ni.nar_hash, ni.nar_size
+                ));
+            }
+        }
+        Ok(Err(e)) => problems.push(format!("{} does not decompress: {e}", ni.url)),
+        Err(e) => problems.push(format!("{}: decoder failed: {e}", ni.url)),
+    }
+    Ok(problems)
+}
+
+/// A `Read` over chunks arriving on a channel.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+fn decompress_and_hash(
+    compression: &str,
+    rx: mpsc::Receiver<Bytes>,
+) -> Result<(Sha256, u64), String> {
+    let input = ChannelReader {
+        rx,
+        cur: Bytes::new(),
+    };
+    let mut reader: Box<dyn Read> = match compression {
+        "none" | "" => Box::new(input),
+        "zstd" => Box::new(zstd::Decoder::new(input).map_err(|e| e.to_string())?),
+        "xz" => Box::new(liblzma::read::XzDecoder::new(input)),
+        other => return Err(format!("compression {other:?} is not supported by verify")),
+    };
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((Sha256::from_bytes(hasher.finalize().into()), total))
+}

@@ -1,0 +1,508 @@
+//! Faults between cachepush and a real S3 server (SeaweedFS behind a fault-injecting
+//! proxy), concurrent pushers, and damaged caches; after each, `cachepush verify` checks
+//! the invariants: every narinfo's NAR exists and matches, every reference has a narinfo,
+//! every signature verifies, no multipart upload is left open.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::fault::{Fault, FaultProxy, Rule};
+use common::s3::S3;
+use common::*;
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no JSON on stdout ({e}): {}", stderr_of(o)))
+}
+
+/// A push through `endpoint` (the proxy, or the server itself).
+fn push(s3: &S3, endpoint: &str, bucket: &str, sk: &Path, extra: &[&str], path: &Path) -> Output {
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    c.arg("copy")
+        .arg("--to")
+        .arg(s3.url(bucket, ""))
+        .arg("--endpoint")
+        .arg(endpoint)
+        .arg("--signing-key")
+        .arg(sk)
+        .arg("--json")
+        .args(extra)
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+/// `cachepush verify --full` straight against the server; returns (exit code, report).
+fn verify(s3: &S3, bucket: &str, pk: &str) -> (i32, serde_json::Value) {
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let o = c
+        .args(["verify", "--full", "--json", "--trusted-key", pk])
+        .arg(s3.url(bucket, ""))
+        .output()
+        .unwrap();
+    (o.status.code().unwrap_or(-1), json(&o))
+}
+
+fn assert_verified(s3: &S3, bucket: &str, pk: &str, narinfos: usize) {
+    let (code, v) = verify(s3, bucket, pk);
+    assert_eq!(code, 0, "verify found problems: {v}");
+    assert_eq!(v["narinfos"], narinfos, "{v}");
+    assert_eq!(v["open_uploads"], 0, "{v}");
+}
+
+fn big(salt: &str) -> PathBuf {
+    let out = run_ok(
+        Command::new("nix-build")
+            .arg(fixture("big.nix"))
+            .args([
+                "--no-out-link",
+                "--argstr",
+                "salt",
+                salt,
+                "--argstr",
+                "mib",
+                "12",
+            ])
+            .args(["--option", "substituters", ""]),
+    );
+    PathBuf::from(stdout(&out))
+}
+
+/// Transient faults: the push retries through them and the cache ends up whole.
+#[test]
+fn transient_faults_are_retried_and_the_cache_is_whole() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let cases: Vec<(&str, Vec<Rule>)> = vec![
+        (
+            "503 SlowDown on narinfo PUTs",
+            vec![Rule {
+                method: "PUT",
+                target: ".narinfo",
+                times: 2,
+                fault: Fault::Status(503, "SlowDown", None),
+            }],
+        ),
+        (
+            "500 InternalError on parts",
+            vec![Rule {
+                method: "PUT",
+                target: "partNumber=",
+                times: 2,
+                fault: Fault::Status(500, "InternalError", None),
+            }],
+        ),
+        (
+            "RequestTimeout on a NAR",
+            vec![Rule {
+                method: "PUT",
+                target: "/nar/",
+                times: 1,
+                fault: Fault::Status(400, "RequestTimeout", None),
+            }],
+        ),
+        (
+            "connection reset after a part's body",
+            vec![Rule {
+                method: "PUT",
+                target: "partNumber=",
+                times: 1,
+                fault: Fault::Reset,
+            }],
+        ),
+        (
+            "connection reset mid-part",
+            vec![Rule {
+                method: "PUT",
+                target: "partNumber=",
+                times: 1,
+                fault: Fault::ResetMidBody,
+            }],
+        ),
+        (
+            "connection reset mid-upload of a single PUT",
+            vec![Rule {
+                method: "PUT",
+                target: ".narinfo",
+                times: 1,
+                fault: Fault::ResetMidBody,
+            }],
+        ),
+        (
+            "truncated answer to CompleteMultipartUpload",
+            vec![Rule {
+                method: "POST",
+                target: "uploadId=",
+                times: 1,
+                fault: Fault::Truncate,
+            }],
+        ),
+        (
+            "stalled part (read timeout)",
+            vec![Rule {
+                method: "PUT",
+                target: "partNumber=",
+                times: 1,
+                fault: Fault::Stall(Duration::from_secs(4)),
+            }],
+        ),
+        (
+            "503 on the plan's HEADs",
+            vec![Rule {
+                method: "HEAD",
+                target: ".narinfo",
+                times: 3,
+                fault: Fault::Status(503, "ServiceUnavailable", None),
+            }],
+        ),
+    ];
+    for (name, rules) in cases {
+        let top = big(&unique("transient"));
+        let bucket = s3.new_bucket("transient");
+        proxy.clear();
+        let before = proxy.injected();
+        for r in rules {
+            proxy.add(r);
+        }
+        let o = push(
+            &s3,
+            &proxy.endpoint(),
+            &bucket,
+            &sk,
+            &[
+                "--part-size",
+                "5",
+                "--compression",
+                "none",
+                "--read-timeout",
+                "2",
+            ],
+            &top,
+        );
+        assert!(o.status.success(), "{name}: {}", stderr_of(&o));
+        assert!(proxy.injected() > before, "{name}: no fault was injected");
+        let j = json(&o);
+        assert_eq!(j["pushed"], 3, "{name}: {j}");
+        assert!(
+            j["requests"]["retries"].as_u64().unwrap() >= 1,
+            "{name}: {j}"
+        );
+        assert_verified(&s3, &bucket, &pk, 3);
+    }
+}
+
+#[test]
+fn retry_after_is_honoured() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let top = build("dep", &unique("retry-after"));
+    let bucket = s3.new_bucket("retryafter");
+    proxy.add(Rule {
+        method: "PUT",
+        target: ".narinfo",
+        times: 1,
+        fault: Fault::Status(429, "TooManyRequests", Some(2)),
+    });
+    let started = Instant::now();
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+    let took = started.elapsed();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(proxy.injected(), 1);
+    // A lower bound only: the retry waited as told rather than its own short backoff.
+    assert!(
+        took >= Duration::from_secs(2),
+        "retried after {took:?}, before Retry-After"
+    );
+    assert_verified(&s3, &bucket, &pk, 1);
+}
+
+/// Permanent faults: the push fails with a clear message and the exit status that says
+/// so, and what is in the cache is still consistent.
+#[test]
+fn permanent_faults_fail_clearly_and_leave_a_consistent_cache() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+
+    // Expired credentials on every NAR upload: nothing can be published.
+    let top = big(&unique("expired"));
+    let bucket = s3.new_bucket("expired");
+    proxy.clear();
+    proxy.add(Rule {
+        method: "PUT",
+        target: "/nar/",
+        times: usize::MAX,
+        fault: Fault::Status(403, "ExpiredToken", None),
+    });
+    proxy.add(Rule {
+        method: "POST",
+        target: "uploads",
+        times: usize::MAX,
+        fault: Fault::Status(403, "ExpiredToken", None),
+    });
+    let o = push(
+        &s3,
+        &proxy.endpoint(),
+        &bucket,
+        &sk,
+        &["--part-size", "5"],
+        &top,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("ExpiredToken") && stderr_of(&o).contains("access denied"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert_eq!(json(&o)["failed"], 3);
+    assert_verified(&s3, &bucket, &pk, 0);
+
+    // A clock the server refuses: the plan cannot even start; nothing written.
+    let bucket = s3.new_bucket("skew");
+    proxy.clear();
+    proxy.add(Rule {
+        method: "HEAD",
+        target: ".narinfo",
+        times: usize::MAX,
+        fault: Fault::Status(403, "RequestTimeTooSkewed", None),
+    });
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("clock"), "{}", stderr_of(&o));
+    assert!(s3.keys(&bucket, "").is_empty());
+
+    // Parts that always fail: the multipart upload is aborted, the path and its dependents
+    // are not published, and what was published is whole.
+    let bucket = s3.new_bucket("parts");
+    proxy.clear();
+    proxy.add(Rule {
+        method: "PUT",
+        target: "partNumber=",
+        times: usize::MAX,
+        fault: Fault::Status(500, "InternalError", None),
+    });
+    let o = push(
+        &s3,
+        &proxy.endpoint(),
+        &bucket,
+        &sk,
+        &["--part-size", "5", "--compression", "none"],
+        &top,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let j = json(&o);
+    assert_eq!(
+        (j["pushed"].as_u64(), j["failed"].as_u64()),
+        (Some(1), Some(2)),
+        "{j}"
+    );
+    assert!(
+        s3.open_uploads(&bucket).is_empty(),
+        "a failed multipart upload was left open"
+    );
+    assert_verified(&s3, &bucket, &pk, 1);
+    // And the same command without the fault finishes the job.
+    proxy.clear();
+    let o = push(
+        &s3,
+        &proxy.endpoint(),
+        &bucket,
+        &sk,
+        &["--part-size", "5", "--compression", "none"],
+        &top,
+    );
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(json(&o)["pushed"], 2);
+    assert_verified(&s3, &bucket, &pk, 3);
+}
+
+#[test]
+fn two_pushers_of_the_same_closure_at_once() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let top = big(&unique("concurrent"));
+    let bucket = s3.new_bucket("concurrent");
+    let spawn = || {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        c.arg("copy")
+            .arg("--to")
+            .arg(s3.url(&bucket, ""))
+            .arg("--signing-key")
+            .arg(&sk)
+            .args(["--part-size", "5", "--compression", "none"])
+            .arg(&top)
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn(), spawn());
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    assert_verified(&s3, &bucket, &pk, 3);
+}
+
+#[test]
+fn damaged_caches_are_found_by_verify_and_repaired_by_push() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let top = build("", &unique("damaged"));
+    let closure = closure_of(&top);
+    let bucket = s3.new_bucket("damaged");
+    let o = push(&s3, &s3.endpoint, &bucket, &sk, &[], &top);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_verified(&s3, &bucket, &pk, closure.len());
+
+    // A NAR deleted behind our back: verify names it; a plain push trusts the narinfo;
+    // `--repair` publishes the NAR again.
+    let victim = closure
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("-tree"))
+        .unwrap();
+    let key = format!(
+        "{}.narinfo",
+        &victim.file_name().unwrap().to_str().unwrap()[..32]
+    );
+    let text = String::from_utf8(s3.get(&bucket, &key)).unwrap();
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    s3.delete(&bucket, &url);
+    let (code, v) = verify(&s3, &bucket, &pk);
+    assert_eq!(code, 1);
+    let problems = v["problems"].to_string();
+    assert!(
+        problems.contains(&key) && problems.contains("is missing"),
+        "{v}"
+    );
+    let o = push(&s3, &s3.endpoint, &bucket, &sk, &[], &top);
+    assert_eq!(
+        json(&o)["pushed"],
+        0,
+        "a plain push trusts present narinfos"
+    );
+    let o = push(&s3, &s3.endpoint, &bucket, &sk, &["--repair"], &top);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("pushing it again"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert_verified(&s3, &bucket, &pk, closure.len());
+
+    // Tampering: verify --full catches a NAR whose bytes changed, and a narinfo signed by
+    // a key it does not trust.
+    let nar = s3.get(&bucket, &url);
+    let mut bad = nar.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    s3.put(&bucket, &url, &bad);
+    let (code, v) = verify(&s3, &bucket, &pk);
+    assert_eq!(code, 1);
+    assert!(v["problems"].to_string().contains("FileHash"), "{v}");
+    s3.put(&bucket, &url, &nar);
+    let other_dir = tmp.path().join("x");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let (other_sk, other) = keygen(&other_dir, "faults-1");
+    let (code, v) = verify(&s3, &bucket, &other);
+    assert_eq!(code, 1);
+    assert_eq!(
+        v["problems"].as_array().unwrap().len(),
+        closure.len(),
+        "{v}"
+    );
+    assert_verified(&s3, &bucket, &pk, closure.len());
+
+    // A narinfo present with another signature is kept as it is, not overwritten.
+    let before = String::from_utf8(s3.get(&bucket, &key)).unwrap();
+    let o = push(&s3, &s3.endpoint, &bucket, &other_sk, &[], &top);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8(s3.get(&bucket, &key)).unwrap(), before);
+}
+
+/// SIGINT or SIGTERM while a NAR is being sent, between a NAR and its narinfo, and during
+/// a multipart upload (each stage held open by a stall at the proxy so the signal lands
+/// there): exit 130, a consistent cache, nothing left open, and a re-run that completes.
+#[test]
+fn interrupted_at_each_stage_leaves_a_consistent_cache() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let stages = [
+        ("during a single-PUT NAR", "PUT", "/nar/", "INT"),
+        ("between a NAR and its narinfo", "PUT", ".narinfo", "TERM"),
+        ("during a multipart upload", "PUT", "partNumber=", "INT"),
+    ];
+    for (stage, method, target, signal) in stages {
+        let top = big(&unique("stage"));
+        let bucket = s3.new_bucket("stage");
+        proxy.clear();
+        proxy.add(Rule {
+            method,
+            target,
+            times: usize::MAX,
+            fault: Fault::Stall(Duration::from_secs(30)),
+        });
+        let before = proxy.injected();
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        let mut child = c
+            .arg("copy")
+            .arg("--to")
+            .arg(s3.url(&bucket, ""))
+            .arg("--endpoint")
+            .arg(proxy.endpoint())
+            .arg("--signing-key")
+            .arg(&sk)
+            .args(["--part-size", "5", "--compression", "none"])
+            .arg(&top)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while proxy.injected() == before {
+            assert!(
+                Instant::now() < deadline,
+                "{stage}: the stage was never reached"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        run_ok(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string()),
+        );
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(130), "{stage}");
+        proxy.clear();
+        let (code, v) = verify(&s3, &bucket, &pk);
+        assert_eq!(code, 0, "{stage}: {v}");
+        assert_eq!(v["open_uploads"], 0, "{stage}: {v}");
+        let o = push(
+            &s3,
+            &proxy.endpoint(),
+            &bucket,
+            &sk,
+            &["--part-size", "5", "--compression", "none"],
+            &top,
+        );
+        assert!(o.status.success(), "{stage}: {}", stderr_of(&o));
+        assert_verified(&s3, &bucket, &pk, 3);
+    }
+}

@@ -1,0 +1,553 @@
+//! `cachepush gateway` in front of private buckets on SeaweedFS and Ceph RGW, judged by the
+//! real Nix substituting through it and by raw HTTP requests.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::http::{Forwarder, Gateway, get, request};
+use common::s3::S3;
+use common::*;
+
+/// Pushes `path`'s closure to `bucket`, signed with `sk` when given.
+fn push(s3: &S3, bucket: &str, sk: Option<&Path>, path: &Path) {
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    c.arg("copy").arg("--to").arg(s3.url(bucket, "")).arg("-q");
+    if let Some(sk) = sk {
+        c.arg("--signing-key").arg(sk);
+    }
+    run_ok(c.arg(path));
+}
+
+fn gateway_cmd(s3: &S3, bucket: &str, extra: &[&str]) -> Command {
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    c.arg("gateway")
+        .arg("--from")
+        .arg(s3.url(bucket, ""))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra);
+    c
+}
+
+fn gateway(s3: &S3, bucket: &str, extra: &[&str]) -> Gateway {
+    Gateway::start(gateway_cmd(s3, bucket, extra))
+}
+
+/// `nix copy --from URL` into a fresh store, signatures checked, with a netrc file or none.
+fn nix_via(url: &str, dest: &Path, path: &Path, pk: &str, netrc: Option<&Path>) -> Output {
+    require("nix");
+    let netrc = netrc.map_or("/nonexistent/netrc".into(), |p| p.display().to_string());
+    Command::new("nix")
+        .args(NIX_FLAGS)
+        .args(["copy", "--from", url, "--to"])
+        .arg(dest)
+        .arg(path)
+        .args(["--option", "trusted-public-keys", pk])
+        .args(["--option", "require-sigs", "true"])
+        .args(["--option", "netrc-file", &netrc])
+        .args(["--option", "narinfo-cache-negative-ttl", "0"])
+        .output()
+        .expect("run nix copy")
+}
+
+fn htpasswd(dir: &Path, user: &str, pass: &str) -> PathBuf {
+    require("htpasswd");
+    // The password on stdin (-i), as a careful user would, not on the command line.
+    let mut child = Command::new("htpasswd")
+        .args(["-niB", user])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), pass.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let file = dir.join("htpasswd");
+    std::fs::write(&file, stdout(&out)).unwrap();
+    file
+}
+
+fn netrc(dir: &Path, name: &str, user: &str, pass: &str) -> PathBuf {
+    let file = dir.join(name);
+    std::fs::write(
+        &file,
+        format!("machine localhost login {user} password {pass}\n"),
+    )
+    .unwrap();
+    file
+}
+
+fn hash_of(path: &Path) -> String {
+    path.file_name().unwrap().to_str().unwrap()[..32].to_owned()
+}
+
+#[test]
+fn nix_substitutes_from_a_private_bucket_through_the_gateway_with_netrc() {
+    let top = shared_top();
+    for s3 in S3::all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (sk, pk) = keygen(tmp.path(), "gw-test-1");
+        let (_, other_pk) = keygen(tmp.path(), "other-1");
+        let bucket = s3.new_bucket("gw");
+        push(&s3, &bucket, Some(&sk), top);
+        // The bucket is private: no anonymous reads on the S3 endpoint itself.
+        let anon = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("{}/{bucket}/nix-cache-info", s3.endpoint))
+            .output()
+            .unwrap();
+        assert_eq!(
+            stdout(&anon),
+            "403",
+            "{}: the bucket is readable anonymously",
+            s3.name
+        );
+
+        let pw = htpasswd(tmp.path(), "alice", "correct-horse-battery");
+        let good = netrc(tmp.path(), "good", "alice", "correct-horse-battery");
+        let bad = netrc(tmp.path(), "bad", "alice", "wrong-horse-battery");
+        for mode in ["redirect", "proxy"] {
+            let gw = gateway(
+                &s3,
+                &bucket,
+                &["--nar-delivery", mode, "--htpasswd", pw.to_str().unwrap()],
+            );
+            let url = gw.url();
+            let d = |n: &str| tmp.path().join(format!("{mode}-{n}"));
+
+            let r = get(gw.addr, "/nix-cache-info");
+            assert_eq!(r.status, 401);
+            assert!(
+                r.header("www-authenticate")
+                    .is_some_and(|v| v.starts_with("Basic realm=")),
+                "{r:?}"
+            );
+            let none = nix_via(&url, &d("none"), top, &pk, None);
+            assert!(!none.status.success(), "{}/{mode}: no credentials", s3.name);
+            let wrong = nix_via(&url, &d("wrong"), top, &pk, Some(&bad));
+            assert!(
+                !wrong.status.success(),
+                "{}/{mode}: wrong password",
+                s3.name
+            );
+            assert!(gw.log_text().contains(" 401 "), "{}", gw.log_text());
+            let untrusted = nix_via(&url, &d("untrusted"), top, &other_pk, Some(&good));
+            assert!(
+                !untrusted.status.success(),
+                "{}/{mode}: untrusted key",
+                s3.name
+            );
+
+            let ok = nix_via(&url, &d("ok"), top, &pk, Some(&good));
+            assert!(
+                ok.status.success(),
+                "{}/{mode}: {}\n{}",
+                s3.name,
+                stderr_of(&ok),
+                gw.log_text()
+            );
+            for p in closure_of(top) {
+                assert!(d("ok").join(p.strip_prefix("/").unwrap()).exists());
+            }
+            let log = gw.log_text();
+            let nar_status = if mode == "redirect" { " 307 " } else { " 200 " };
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("GET /nar/") && l.contains(nar_status)),
+                "{}/{mode}: {log}",
+                s3.name
+            );
+            assert!(
+                !log.contains("X-Amz-Signature"),
+                "presigned URL in the log: {log}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_narinfo_tampered_in_the_bucket_is_refused_by_nix() {
+    let top = build("", "gw-tamper");
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "gw-test-1");
+    let bucket = s3.new_bucket("tamper");
+    push(&s3, &bucket, Some(&sk), &top);
+    // Swap top's NarHash for dep's: a consistent-looking narinfo the signature no longer covers.
+    let dep = build("dep", "gw-tamper");
+    let key = format!("{}.narinfo", hash_of(&top));
+    let text = String::from_utf8(s3.get(&bucket, &key)).unwrap();
+    let dep_text =
+        String::from_utf8(s3.get(&bucket, &format!("{}.narinfo", hash_of(&dep)))).unwrap();
+    let line = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("NarHash: "))
+            .unwrap()
+            .to_owned()
+    };
+    let tampered = text.replace(&line(&text), &line(&dep_text));
+    assert_ne!(tampered, text);
+
+    let gw = gateway(&s3, &bucket, &[]);
+    let ok = nix_via(&gw.url(), &tmp.path().join("before"), &top, &pk, None);
+    assert!(ok.status.success(), "{}", stderr_of(&ok));
+    s3.put(&bucket, &key, tampered.as_bytes());
+    let gw = gateway(&s3, &bucket, &[]);
+    let refused = nix_via(&gw.url(), &tmp.path().join("after"), &top, &pk, None);
+    assert!(!refused.status.success(), "Nix accepted a tampered narinfo");
+    assert!(
+        stderr_of(&refused).contains("signature"),
+        "{}",
+        stderr_of(&refused)
+    );
+}
+
+#[test]
+fn head_in_redirect_mode_and_ranges_in_proxy_mode() {
+    let top = shared_top();
+    for s3 in S3::all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (sk, _) = keygen(tmp.path(), "gw-test-1");
+        let bucket = s3.new_bucket("range");
+        push(&s3, &bucket, Some(&sk), top);
+        let narinfo = format!("/{}.narinfo", hash_of(top));
+        let text = String::from_utf8(s3.get(&bucket, &narinfo[1..])).unwrap();
+        let nar_key = text
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_owned();
+        let nar = s3.get(&bucket, &nar_key);
+        let nar_path = format!("/{nar_key}");
+
+        let gw = gateway(&s3, &bucket, &["--nar-delivery", "redirect"]);
+        let h = request(gw.addr, "HEAD", &narinfo, &[]);
+        assert_eq!(h.status, 200, "{}: {h:?}", s3.name);
+        assert_eq!(
+            h.header("content-length"),
+            Some(text.len().to_string().as_str())
+        );
+        assert_eq!(h.header("content-type"), Some("text/x-nix-narinfo"));
+        let h = request(gw.addr, "HEAD", &nar_path, &[]);
+        assert_eq!(h.status, 200, "{}: {h:?}", s3.name);
+        assert_eq!(
+            h.header("content-length"),
+            Some(nar.len().to_string().as_str())
+        );
+        let missing = format!("/nar/{}.nar.zst", "0".repeat(52));
+        assert_eq!(request(gw.addr, "HEAD", &missing, &[]).status, 404);
+        let g = get(gw.addr, &nar_path);
+        assert_eq!(g.status, 307);
+        assert_eq!(g.header("cache-control"), Some("no-store"));
+        assert!(g.header("location").unwrap().contains("X-Amz-Signature="));
+
+        let gw = gateway(&s3, &bucket, &["--nar-delivery", "proxy"]);
+        let whole = get(gw.addr, &nar_path);
+        assert_eq!((whole.status, &whole.body), (200, &nar), "{}", s3.name);
+        assert!(whole.header("cache-control").unwrap().contains("immutable"));
+        let n = nar.len();
+        for (range, want) in [
+            ("bytes=0-9".to_owned(), &nar[..10]),
+            (format!("bytes={}-", n - 7), &nar[n - 7..]),
+            ("bytes=-5".to_owned(), &nar[n - 5..]),
+            (format!("bytes=3-{}", n + 100), &nar[3..]),
+        ] {
+            let r = request(gw.addr, "GET", &nar_path, &[("Range", &range)]);
+            assert_eq!(r.status, 206, "{}: {range}: {r:?}", s3.name);
+            assert_eq!(r.body, want, "{}: {range}", s3.name);
+            assert!(r.header("content-range").unwrap().starts_with("bytes "));
+        }
+        for range in [
+            format!("bytes={}-", n + 10),
+            "bytes=0-1,4-5".into(),
+            "bytes=x".into(),
+        ] {
+            let r = request(gw.addr, "GET", &nar_path, &[("Range", &range)]);
+            assert_eq!(r.status, 416, "{}: {range}: {r:?}", s3.name);
+        }
+    }
+}
+
+#[test]
+fn bad_requests_get_4xx_without_touching_the_bucket() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = s3.new_bucket("hostile");
+    let pw = htpasswd(tmp.path(), "alice", "pw");
+    let gw = gateway(&s3, &bucket, &["--htpasswd", pw.to_str().unwrap()]);
+    let before = gw.bucket_requests();
+    let long = format!("/{}", "a".repeat(8192));
+    let huge = "x".repeat(20_000);
+    let cases: Vec<(String, Vec<u8>)> = vec![
+        (
+            "traversal".into(),
+            b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "encoded traversal".into(),
+            b"GET /nar/%2e%2e%2fsecret HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "double encoded".into(),
+            b"GET /nar/%252e%252e/x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "backslash".into(),
+            b"GET /nar\\..\\x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "short hash".into(),
+            b"GET /abc.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "non-nix32 hash".into(),
+            b"GET /eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "8 KiB path".into(),
+            format!("GET {long} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes(),
+        ),
+        (
+            "huge header".into(),
+            format!("GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n")
+                .into_bytes(),
+        ),
+        (
+            "POST".into(),
+            b"POST /nix-cache-info HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        ),
+        (
+            "DELETE".into(),
+            b"DELETE /nar/x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "unknown route".into(),
+            b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "invalid UTF-8".into(),
+            b"GET /\xff\xfe.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "no credentials".into(),
+            b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "malformed basic".into(),
+            b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nAuthorization: Basic %%%\r\n\r\n".to_vec(),
+        ),
+        (
+            "oversized bearer".into(),
+            format!(
+                "GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+                "t".repeat(6000)
+            )
+            .into_bytes(),
+        ),
+    ];
+    for (what, bytes) in &cases {
+        let r = common::http::raw(gw.addr, bytes, false);
+        assert!((400..500).contains(&r.status), "{what}: {}", r.status);
+        for secret in [bucket.as_str(), "127.0.0.1:9", "s3://", "Amz"] {
+            assert!(
+                !r.text().contains(secret),
+                "{what}: body leaks {secret}: {}",
+                r.text()
+            );
+        }
+    }
+    assert_eq!(
+        gw.bucket_requests(),
+        before,
+        "a refused request reached the bucket"
+    );
+    // The same gateway does answer a good request (and that one reaches the bucket).
+    let auth = ("Authorization", "Basic YWxpY2U6cHc="); // alice:pw
+    let ok = request(gw.addr, "GET", "/nix-cache-info", &[auth]);
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert!(gw.bucket_requests() > before);
+}
+
+#[test]
+fn a_bucket_outage_is_5xx_not_404_and_the_gateway_recovers() {
+    let s3 = S3::ceph();
+    let tmp = tempfile::tempdir().unwrap();
+    let top = build("", "gw-outage");
+    let (sk, _) = keygen(tmp.path(), "gw-test-1");
+    let bucket = s3.new_bucket("outage");
+    push(&s3, &bucket, Some(&sk), &top);
+    let target: SocketAddr = s3.endpoint.trim_start_matches("http://").parse().unwrap();
+    let fwd = Forwarder::start(target);
+    let gw = gateway(
+        &s3,
+        &bucket,
+        &[
+            "--endpoint",
+            &fwd.endpoint(),
+            "--narinfo-ttl",
+            "0",
+            "--negative-ttl",
+            "0",
+        ],
+    );
+    let narinfo = format!("/{}.narinfo", hash_of(&top));
+    let missing = format!("/{}.narinfo", "0".repeat(32));
+    assert_eq!(get(gw.addr, &narinfo).status, 200);
+    assert_eq!(get(gw.addr, &missing).status, 404);
+    assert_eq!(get(gw.addr, "/healthz").status, 200);
+
+    fwd.set_up(false);
+    for path in [narinfo.as_str(), missing.as_str(), "/healthz"] {
+        let r = get(gw.addr, path);
+        assert!(
+            (500..600).contains(&r.status),
+            "{path} during the outage: {r:?}"
+        );
+        assert!(!r.text().contains(&bucket), "{}", r.text());
+    }
+
+    fwd.set_up(true);
+    assert_eq!(get(gw.addr, &narinfo).status, 200, "{}", gw.log_text());
+    assert_eq!(get(gw.addr, &missing).status, 404);
+    assert_eq!(get(gw.addr, "/healthz").status, 200);
+}
+
+#[test]
+fn gateway_signs_with_its_own_key_serves_tls_unix_sockets_and_config_files() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let top = build("", "gw-sign");
+    let bucket = s3.new_bucket("sign");
+    // Filled by a tool that does not sign: only the gateway's signature makes it usable.
+    push(&s3, &bucket, None, &top);
+    let (gsk, gpk) = keygen(tmp.path(), "gateway-1");
+    let (_, other) = keygen(tmp.path(), "other-1");
+
+    // TLS with a self-signed certificate, settings from a config file.
+    require("openssl");
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    let sock = tmp.path().join("gw.sock");
+    let config = tmp.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "signing-key = {:?}\ntls-cert = {:?}\ntls-key = {:?}\nlisten = [\"127.0.0.1:0\", \"[::1]:0\", \"unix:{}\"]\n",
+            gsk, cert, key, sock.display()
+        ),
+    )
+    .unwrap();
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    c.arg("gateway")
+        .arg("--from")
+        .arg(s3.url(&bucket, ""))
+        .arg("--config")
+        .arg(&config);
+    let mut gw = Gateway::start(c);
+    let https = format!("https://localhost:{}", gw.addr.port());
+
+    require("curl");
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(&cert)
+            .args(args)
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    assert_eq!(curl(&[&format!("{https}/v1/public-key")]), gpk);
+    let narinfo = curl(&[&format!("{https}/{}.narinfo", hash_of(&top))]);
+    assert!(narinfo.contains("Sig: gateway-1:"), "{narinfo}");
+    // IPv6 too: the second listener says where it is in the log.
+    let v6_port = (0..50)
+        .find_map(|_| {
+            let log = gw.log_text();
+            let port = log
+                .lines()
+                .find_map(|l| l.split("listening on https://[::1]:").nth(1))
+                .map(|p| p.trim().to_owned());
+            if port.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            port
+        })
+        .expect("an IPv6 listener");
+    let v6 = curl(&[
+        "--resolve",
+        &format!("localhost:{v6_port}:[::1]"),
+        &format!("https://localhost:{v6_port}/v1/version"),
+    ]);
+    assert!(v6.starts_with("cachepush "), "{v6}");
+    let over_unix = Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(&sock)
+        .arg("http://localhost/nix-cache-info")
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&over_unix).contains("StoreDir: /nix/store"),
+        "{over_unix:?}"
+    );
+
+    // The real Nix over HTTPS, trusting the gateway's key (and not another).
+    let nix_tls = |dest: &str, pk: &str| {
+        Command::new("nix")
+            .args(NIX_FLAGS)
+            .args(["copy", "--from", &https, "--to"])
+            .arg(tmp.path().join(dest))
+            .arg(&top)
+            .args(["--option", "trusted-public-keys", pk])
+            .env("NIX_SSL_CERT_FILE", &cert)
+            .output()
+            .unwrap()
+    };
+    let ok = nix_tls("ok", &gpk);
+    assert!(ok.status.success(), "{}\n{}", stderr_of(&ok), gw.log_text());
+    assert!(!nix_tls("bad", &other).status.success());
+
+    // SIGTERM: a clean exit, and the socket file is removed.
+    let status = gw.terminate();
+    assert!(status.success(), "{status:?}: {}", gw.log_text());
+    assert!(!sock.exists());
+
+    // A config file with an unknown key is refused, naming it.
+    std::fs::write(
+        &config,
+        "listen = [\"127.0.0.1:0\"]\nlisten-adress = \"x\"\n",
+    )
+    .unwrap();
+    let mut c = cachepush();
+    let out = c
+        .arg("gateway")
+        .arg("--from")
+        .arg(s3.url(&bucket, ""))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let e = stderr_of(&out);
+    assert!(e.contains("listen-adress") && e.contains("line 2"), "{e}");
+}

@@ -1,0 +1,200 @@
+//! One conformance suite for every storage backend: a local directory, SeaweedFS and Ceph
+//! RADOS Gateway. The push pipeline relies on exactly these semantics (see storage/mod.rs).
+
+mod common;
+
+use bytes::Bytes;
+use cachepush::storage::{LocalDir, S3Bucket, S3Config, Staged, Storage, content_type};
+use common::s3::{REGION, S3};
+use tokio::sync::mpsc;
+
+/// Streams `data` into `stage` in pieces of `chunk` bytes, as the NAR producer does.
+async fn stage<S: Storage>(s: &S, key: &str, data: &[u8], chunk: usize) -> S::Staged {
+    let (tx, rx) = mpsc::channel(4);
+    let owned = Bytes::copy_from_slice(data);
+    let feeder = tokio::spawn(async move {
+        for i in (0..owned.len()).step_by(chunk) {
+            let end = (i + chunk).min(owned.len());
+            if tx.send(owned.slice(i..end)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let staged = s
+        .stage(key, content_type::NAR, data.len() as u64, rx)
+        .await
+        .expect("stage");
+    feeder.await.expect("feeder");
+    staged
+}
+
+/// Bytes that are not all alike, so a part boundary bug shows in the comparison.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 4093) as u8).collect()
+}
+
+async fn conformance<S: Storage>(s: &S, name: &str) {
+    // Absent objects.
+    assert_eq!(s.head("nope").await.unwrap(), None, "{name}: head absent");
+    assert!(s.get("nope").await.unwrap().is_none(), "{name}: get absent");
+
+    // put, then get and head see the whole object; put replaces it.
+    s.put(
+        "a.narinfo",
+        content_type::NARINFO,
+        Bytes::from_static(b"one"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.head("a.narinfo").await.unwrap(), Some(3), "{name}");
+    assert_eq!(&s.get("a.narinfo").await.unwrap().unwrap()[..], b"one");
+    s.put(
+        "a.narinfo",
+        content_type::NARINFO,
+        Bytes::from_static(b"second"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&s.get("a.narinfo").await.unwrap().unwrap()[..], b"second");
+
+    // put_if_absent creates once and never replaces.
+    let first = s
+        .put_if_absent(
+            "nix-cache-info",
+            content_type::CACHE_INFO,
+            Bytes::from_static(b"StoreDir: /nix/store\n"),
+        )
+        .await
+        .unwrap();
+    let again = s
+        .put_if_absent(
+            "nix-cache-info",
+            content_type::CACHE_INFO,
+            Bytes::from_static(b"StoreDir: /other\n"),
+        )
+        .await
+        .unwrap();
+    assert!(first && !again, "{name}: put_if_absent {first} {again}");
+    assert_eq!(
+        &s.get("nix-cache-info").await.unwrap().unwrap()[..],
+        b"StoreDir: /nix/store\n",
+        "{name}: put_if_absent replaced the object"
+    );
+
+    // A staged upload is invisible until committed; small and multipart alike.
+    for (key, size) in [("nar/small.nar", 1000usize), ("nar/large.nar", 11 << 20)] {
+        let data = pattern(size);
+        let staged = stage(s, key, &data, 1 << 20).await;
+        assert_eq!(
+            s.head(key).await.unwrap(),
+            None,
+            "{name}: {key} visible before commit"
+        );
+        assert_eq!(staged.commit().await.unwrap(), size as u64, "{name}: {key}");
+        assert_eq!(s.head(key).await.unwrap(), Some(size as u64), "{name}");
+        let got = s.get(key).await.unwrap().unwrap();
+        assert!(got[..] == data[..], "{name}: {key} bytes differ");
+    }
+
+    // Aborted or dropped uploads leave nothing behind.
+    for (key, size) in [
+        ("nar/ab-small.nar", 10usize),
+        ("nar/ab-large.nar", 12 << 20),
+    ] {
+        let staged = stage(s, key, &pattern(size), 1 << 20).await;
+        staged.abort().await;
+        assert_eq!(
+            s.head(key).await.unwrap(),
+            None,
+            "{name}: {key} after abort"
+        );
+    }
+    let dropped = stage(s, "nar/dropped.nar", &pattern(12 << 20), 1 << 20).await;
+    drop(dropped);
+    // The dropped upload's abort runs in the background; abort_open_uploads (what Ctrl-C
+    // calls) finishes it if it has not landed yet, and afterwards nothing is open.
+    assert!(s.abort_open_uploads().await <= 1, "{name}");
+    assert_eq!(s.abort_open_uploads().await, 0, "{name}: nothing left open");
+    assert_eq!(s.head("nar/dropped.nar").await.unwrap(), None, "{name}");
+
+    // list finds what was written (never used for correctness, but `verify` walks it).
+    let mut keys = s.list("nar/").await.unwrap();
+    keys.sort();
+    assert_eq!(keys, vec!["nar/large.nar", "nar/small.nar"], "{name}");
+
+    // delete removes, and deleting what is absent is not an error.
+    s.delete("nar/small.nar").await.unwrap();
+    s.delete("nar/small.nar").await.unwrap();
+    assert_eq!(s.head("nar/small.nar").await.unwrap(), None, "{name}");
+}
+
+#[tokio::test]
+async fn local_directory_conforms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = LocalDir::open(tmp.path()).unwrap();
+    conformance(&dir, "local").await;
+}
+
+/// Credentials reach the SDK the way they reach users': the standard variables.
+fn set_credentials_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let get = |v: &str| {
+            std::env::var(v).unwrap_or_else(|_| {
+                panic!("{v} is not set; run scripts/test.sh, which starts the S3 servers")
+            })
+        };
+        // SAFETY: std's environment functions hold a lock, and nothing in this test binary
+        // reads the environment through libc directly while this runs.
+        unsafe {
+            std::env::set_var("AWS_ACCESS_KEY_ID", get("CACHEPUSH_TEST_ACCESS_KEY"));
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", get("CACHEPUSH_TEST_SECRET_KEY"));
+            std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        }
+    });
+}
+
+fn s3_conforms(server: S3) {
+    set_credentials_env();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for prefix in ["", "some/prefix"] {
+        let bucket = server.new_bucket("conf");
+        let mut cfg = S3Config::new(&bucket);
+        cfg.prefix = prefix.to_owned();
+        cfg.endpoint = Some(server.endpoint.clone());
+        cfg.region = Some(REGION.into());
+        // The smallest part S3 allows, so that 11 MiB goes in three parts.
+        cfg.part_size = 5 << 20;
+        rt.block_on(async {
+            let b = S3Bucket::connect(cfg).await.unwrap();
+            conformance(&b, &format!("{} prefix {prefix:?}", server.name)).await;
+        });
+        let open = server.open_uploads(&bucket);
+        assert!(
+            open.is_empty(),
+            "{}: uploads left open: {open:?}",
+            server.name
+        );
+        // Everything went under the prefix.
+        let all = server.keys(&bucket, "");
+        assert!(
+            !all.is_empty() && all.iter().all(|k| k.starts_with(prefix)),
+            "{}: keys outside the prefix {prefix:?}: {all:?}",
+            server.name
+        );
+    }
+}
+
+#[test]
+fn seaweedfs_conforms() {
+    s3_conforms(S3::seaweedfs());
+}
+
+#[test]
+fn ceph_rgw_conforms() {
+    s3_conforms(S3::ceph());
+}

@@ -1,0 +1,776 @@
+//! Where users run cachepush: around builds (watch-exec), behind Nix's post-build hook,
+//! from a direnv-configured shell, in GitHub Actions; and the files that package and
+//! document it (flake, NixOS modules, minio-compose.yml, examples, completions, man page).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::http::Forwarder;
+use common::s3::S3;
+use common::*;
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The store-path hashes that have a narinfo in the bucket.
+fn published(s3: &S3, bucket: &str, prefix: &str) -> BTreeSet<String> {
+    s3.keys(bucket, prefix)
+        .iter()
+        .filter_map(|k| k.rsplit('/').next()?.strip_suffix(".narinfo"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn hashes(paths: &[PathBuf]) -> BTreeSet<String> {
+    paths
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap()[..32].to_owned())
+        .collect()
+}
+
+fn nix_build_cmd(salt: &str) -> Vec<String> {
+    [
+        "nix-build",
+        fixture("closure.nix").to_str().unwrap(),
+        "--no-out-link",
+        "--argstr",
+        "salt",
+        salt,
+        "--option",
+        "substituters",
+        "",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn watch_exec_publishes_what_a_nix_build_produces_and_keeps_its_status() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "watch-1");
+    let (bucket, prefix) = s3.new_public_cache("watch");
+    let watch = |cmd: &[String]| {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        c.arg("watch-exec")
+            .arg("--to")
+            .arg(s3.url(&bucket, &prefix))
+            .arg("--signing-key")
+            .arg(&sk)
+            .arg("--")
+            .args(cmd)
+            .output()
+            .unwrap()
+    };
+
+    let o = watch(&nix_build_cmd(&unique("watch-exec")));
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let top = PathBuf::from(
+        out(&o)
+            .lines()
+            .last()
+            .expect("nix-build prints the output path"),
+    );
+    let closure = closure_of(&top);
+    assert_eq!(
+        published(&s3, &bucket, &prefix),
+        hashes(&closure),
+        "{}",
+        stderr_of(&o)
+    );
+    let dest = tmp.path().join("dest");
+    let ok = nix_substitute(&s3.http_url(&bucket, &prefix), &dest, &top, &pk);
+    assert!(ok.status.success(), "{}", stderr_of(&ok));
+
+    // The command's own status comes back, for a plain failure and for a failed build.
+    let o = watch(&["sh".into(), "-c".into(), "exit 3".into()]);
+    assert_eq!(o.status.code(), Some(3));
+    let failing = vec![
+        "nix-build".to_owned(),
+        "--no-out-link".into(),
+        "-E".into(),
+        format!(
+            "derivation {{ name = \"fails\"; salt = \"{}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"exit 1\" ]; }}",
+            unique("fail")
+        ),
+    ];
+    let direct = Command::new(&failing[0])
+        .args(&failing[1..])
+        .output()
+        .unwrap();
+    let o = watch(&failing);
+    assert!(!o.status.success());
+    assert_eq!(o.status.code(), direct.status.code(), "{}", stderr_of(&o));
+}
+
+fn hook(queue: &Path, paths: &[PathBuf]) -> Output {
+    let joined: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    cachepush()
+        .arg("post-build-hook")
+        .env("CACHEPUSH_QUEUE_DIR", queue)
+        .env("OUT_PATHS", joined.join(" "))
+        .output()
+        .unwrap()
+}
+
+fn queued(queue: &Path) -> usize {
+    std::fs::read_dir(queue)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "paths"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Sums the "pushed N paths" of every push summary line.
+fn pushed_total(log: &str) -> usize {
+    log.lines()
+        .filter_map(|l| {
+            l.split("pushed ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
+}
+
+#[test]
+fn the_post_build_hook_queue_survives_a_killed_uploader_and_is_published_once() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, _) = keygen(tmp.path(), "hook-1");
+    let bucket = s3.new_bucket("hook");
+    let queue = tmp.path().join("queue");
+    let top = build("", &unique("hook"));
+    let closure = closure_of(&top);
+
+    // Two builds' worth of paths, as the daemon would report them.
+    let (first, second) = closure.split_at(closure.len() / 2);
+    for batch in [first, second] {
+        let o = hook(&queue, batch);
+        assert!(o.status.success(), "{}", stderr_of(&o));
+    }
+    assert_eq!(queued(&queue), 2);
+    // A hook that cannot queue still exits 0 (a failing hook would fail the build), and says so.
+    let o = hook(Path::new("/proc/cachepush-cannot-write-here"), first);
+    assert!(o.status.success());
+    assert!(
+        stderr_of(&o).contains("will not be uploaded"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    // The uploader cannot reach the bucket, and is killed mid-way.
+    let target = s3.endpoint.trim_start_matches("http://").parse().unwrap();
+    let fwd = Forwarder::start(target);
+    fwd.set_up(false);
+    let watch = |endpoint: &str, extra: &[&str]| {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        c.arg("watch-store")
+            .arg("--to")
+            .arg(s3.url(&bucket, ""))
+            .arg("--endpoint")
+            .arg(endpoint)
+            .arg("--queue")
+            .arg(&queue)
+            .arg("--signing-key")
+            .arg(&sk)
+            .args(["--interval", "0.2"])
+            .args(extra);
+        c
+    };
+    let mut killed = watch(&fwd.endpoint(), &["--queue-only"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert_eq!(
+        queued(&queue),
+        2,
+        "a batch left the queue without being published"
+    );
+    assert!(published(&s3, &bucket, "").is_empty());
+
+    // Restarted with the bucket reachable: everything queued is published, once.
+    let o = watch(&s3.endpoint, &["--once"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(queued(&queue), 0);
+    assert_eq!(published(&s3, &bucket, ""), hashes(&closure));
+    assert_eq!(
+        pushed_total(&stderr_of(&o)),
+        closure.len(),
+        "{}",
+        stderr_of(&o)
+    );
+
+    // A running watcher picks up new batches as they come, and stops cleanly on SIGTERM.
+    let more = build("", &unique("hook-more"));
+    let mut running = watch(&s3.endpoint, &["--queue-only"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(hook(&queue, std::slice::from_ref(&more)).status.success());
+    let want = hashes(&closure_of(&more));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !want.is_subset(&published(&s3, &bucket, "")) {
+        assert!(
+            Instant::now() < deadline,
+            "the running watcher did not publish the new batch"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    run_ok(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(running.id().to_string()),
+    );
+    let status = running.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(queued(&queue), 0);
+}
+
+#[test]
+fn an_envrc_or_a_project_file_configures_push_without_flags() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, _) = keygen(tmp.path(), "envrc-1");
+    let top = shared_top();
+    let closure = closure_of(top);
+
+    // What a .envrc exports: the target and the credentials, nothing on the command line.
+    let bucket = s3.new_bucket("envrc");
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let key_text = std::fs::read_to_string(&sk).unwrap();
+    let o = c
+        .env("CACHEPUSH_TO", s3.url(&bucket, ""))
+        .env("CACHEPUSH_SIGNING_KEY", key_text.trim())
+        .env("CACHEPUSH_CONFIG", "/nonexistent/cachepush.toml.unused")
+        .arg("push")
+        .arg(top)
+        .output()
+        .unwrap();
+    // CACHEPUSH_CONFIG names a missing file: that is an error, not silently ignored.
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("/nonexistent/cachepush.toml.unused"));
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let o = c
+        .env("CACHEPUSH_TO", s3.url(&bucket, ""))
+        .env("CACHEPUSH_SIGNING_KEY", key_text.trim())
+        .current_dir(tmp.path())
+        .arg("push")
+        .arg(top)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(published(&s3, &bucket, ""), hashes(&closure));
+    let one = String::from_utf8(s3.get(
+        &bucket,
+        &format!("{}.narinfo", &hashes(&closure).into_iter().next().unwrap()),
+    ))
+    .unwrap();
+    assert!(one.contains("Sig: envrc-1:"), "{one}");
+
+    // A project's cachepush.toml, found from a subdirectory; the key path is relative to it.
+    let project = tmp.path().join("project");
+    std::fs::create_dir_all(project.join("keys")).unwrap();
+    std::fs::create_dir_all(project.join("sub/dir")).unwrap();
+    std::fs::copy(&sk, project.join("keys/cache.sk")).unwrap();
+    let bucket2 = s3.new_bucket("toml");
+    std::fs::write(
+        project.join("cachepush.toml"),
+        format!(
+            "to = {:?}\nsigning-key-file = \"keys/cache.sk\"\ncompression = \"xz\"\n",
+            s3.url(&bucket2, "")
+        ),
+    )
+    .unwrap();
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let o = c
+        .current_dir(project.join("sub/dir"))
+        .env("HOME", tmp.path())
+        .arg("push")
+        .arg(top)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let infos = published(&s3, &bucket2, "");
+    assert_eq!(infos, hashes(&closure));
+    let one = String::from_utf8(s3.get(
+        &bucket2,
+        &format!("{}.narinfo", infos.iter().next().unwrap()),
+    ))
+    .unwrap();
+    assert!(
+        one.contains("Compression: xz") && one.contains("Sig: envrc-1:"),
+        "{one}"
+    );
+
+    // A typo in the file is an error naming the key and the line.
+    std::fs::write(
+        project.join("cachepush.toml"),
+        "to = \"file:///tmp/x\"\ncompresion = \"xz\"\n",
+    )
+    .unwrap();
+    let o = cachepush()
+        .current_dir(&project)
+        .env("HOME", tmp.path())
+        .arg("push")
+        .arg(top)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr_of(&o).contains("compresion") && stderr_of(&o).contains("line 2"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    // Nothing configured anywhere: one clear line saying what to do.
+    let o = cachepush()
+        .current_dir(tmp.path())
+        .env("HOME", tmp.path())
+        .arg("push")
+        .arg(top)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr_of(&o).contains("no cache to publish to") && stderr_of(&o).contains("CACHEPUSH_TO")
+    );
+}
+
+#[test]
+fn github_actions_get_groups_annotations_masks_and_a_clean_skip_for_forks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, _) = keygen(tmp.path(), "gha-1");
+    let top = shared_top();
+    let cache = format!("file://{}", tmp.path().join("cache").display());
+    let o = cachepush()
+        .env("GITHUB_ACTIONS", "true")
+        .args(["copy", "--to", &cache, "--signing-key"])
+        .arg(&sk)
+        .arg(top)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let secret = std::fs::read_to_string(&sk).unwrap();
+    let secret = secret.trim().split_once(':').unwrap().1;
+    assert!(
+        out(&o).contains(&format!("::add-mask::{secret}")),
+        "{}",
+        out(&o)
+    );
+    assert!(out(&o).contains("::group::pushing ") && out(&o).contains("::endgroup::"));
+    // Outside Actions, none of that.
+    let plain = run_ok(
+        cachepush()
+            .env_remove("GITHUB_ACTIONS")
+            .args(["copy", "--to", &cache, "--signing-key"])
+            .arg(&sk)
+            .arg(top),
+    );
+    assert!(!out(&plain).contains("::"), "{}", out(&plain));
+
+    let bad = tmp.path().join("bad.sk");
+    std::fs::write(&bad, "truncated:AAAA").unwrap();
+    let o = cachepush()
+        .env("GITHUB_ACTIONS", "true")
+        .args(["copy", "--to", &cache, "--signing-key"])
+        .arg(&bad)
+        .arg(top)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(out(&o).starts_with("::error::"), "{}", out(&o));
+
+    // A pull request from a fork: the secrets are empty. With the switch, a warning and
+    // exit 0 that writes nothing; without it, a failure.
+    let s3 = S3::seaweedfs();
+    let bucket = s3.new_bucket("fork");
+    let fork = |skip: bool| {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        c.env("AWS_ACCESS_KEY_ID", "")
+            .env("AWS_SECRET_ACCESS_KEY", "")
+            .env("CACHEPUSH_SIGNING_KEY", "")
+            .env("GITHUB_ACTIONS", "true")
+            .args(["copy", "--to", &s3.url(&bucket, "")])
+            .arg(top);
+        if skip {
+            c.env("CACHEPUSH_SKIP_IF_NO_CREDENTIALS", "true");
+        }
+        c.output().unwrap()
+    };
+    let o = fork(true);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("skipping the push"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(out(&o).contains("::warning::"), "{}", out(&o));
+    assert!(s3.keys(&bucket, "").is_empty());
+    let o = fork(false);
+    assert!(
+        !o.status.success(),
+        "a push without credentials must fail unless told to skip"
+    );
+    assert!(s3.keys(&bucket, "").is_empty());
+    // The signing key alone can be what is missing.
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let o = c
+        .env("CACHEPUSH_SIGNING_KEY", "")
+        .env("CACHEPUSH_SKIP_IF_NO_CREDENTIALS", "1")
+        .args(["copy", "--to", &s3.url(&bucket, "")])
+        .arg(top)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && stderr_of(&o).contains("CACHEPUSH_SIGNING_KEY is empty"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(s3.keys(&bucket, "").is_empty());
+}
+
+#[test]
+fn the_flake_and_nixos_modules_parse_and_evaluate() {
+    require("nix-instantiate");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in [
+        "flake.nix",
+        "nix/gateway-module.nix",
+        "nix/post-build-hook-module.nix",
+    ] {
+        run_ok(
+            Command::new("nix-instantiate")
+                .arg("--parse")
+                .arg(root.join(f)),
+        );
+    }
+    let o = run_ok(
+        Command::new("nix-instantiate")
+            .args(["--eval", "--strict", "--json"])
+            .arg(fixture("nixos-modules-eval.nix")),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    for opt in [
+        "enable",
+        "package",
+        "from",
+        "listen",
+        "narDelivery",
+        "credentialsFile",
+        "htpasswdFile",
+        "tokensFile",
+        "signingKeyFile",
+    ] {
+        assert!(
+            names("gatewayOptions").contains(&opt.to_owned()),
+            "missing option {opt}"
+        );
+    }
+    for opt in [
+        "enable",
+        "to",
+        "queueDir",
+        "credentialsFile",
+        "signingKeyFile",
+    ] {
+        assert!(
+            names("hookOptions").contains(&opt.to_owned()),
+            "missing option {opt}"
+        );
+    }
+    assert_eq!(v["gatewayEnabled"], true);
+    let sc = &v["gatewayService"]["serviceConfig"];
+    assert_eq!(sc["DynamicUser"], true);
+    assert_eq!(sc["ProtectSystem"], "strict");
+    let creds: Vec<&str> = sc["LoadCredential"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        creds,
+        [
+            "aws-credentials:/run/secrets/aws",
+            "htpasswd:/run/secrets/htpasswd"
+        ]
+    );
+    let exec = sc["ExecStart"].as_str().unwrap();
+    for part in [
+        "'gateway'",
+        "'--nar-delivery' 'proxy'",
+        "'--listen' '[::]:8080'",
+        "'--htpasswd' '%d/htpasswd'",
+    ] {
+        assert!(exec.contains(part), "{exec}");
+    }
+    assert!(
+        !exec.contains("/run/secrets"),
+        "a secret path on the command line: {exec}"
+    );
+    assert_eq!(
+        v["gatewayService"]["environment"]["AWS_SHARED_CREDENTIALS_FILE"],
+        "%d/aws-credentials"
+    );
+    let upload = v["uploadService"]["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap();
+    assert!(upload.contains("'watch-store' '--queue-only'"), "{upload}");
+    assert!(
+        v["hookSetting"]
+            .as_str()
+            .unwrap()
+            .ends_with("cachepush-post-build-hook")
+    );
+}
+
+#[test]
+fn minio_compose_matches_what_the_docs_say() {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("minio-compose.yml")).unwrap();
+    let docs = YamlLoader::load_from_str(&text).expect("minio-compose.yml is YAML");
+    let services = &docs[0]["services"];
+    let minio = &services["minio"];
+    assert!(
+        minio["image"]
+            .as_str()
+            .unwrap()
+            .contains("minio/minio:RELEASE."),
+        "pin the image"
+    );
+    let ports: Vec<&str> = minio["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert_eq!(
+        ports,
+        ["127.0.0.1:9000:9000", "127.0.0.1:9001:9001"],
+        "loopback only"
+    );
+    let job = &services["create-bucket"];
+    assert!(
+        !job["depends_on"]["minio"].is_badvalue(),
+        "the job waits for MinIO"
+    );
+    let script: String = job["entrypoint"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect::<Vec<_>>()
+        .join(" ");
+    for part in [
+        "mc mb --ignore-existing local/nix-cache",
+        "mc admin user add local cachepush cachepush-secret-change-me",
+        "readwrite",
+    ] {
+        assert!(script.contains(part), "{part} not in the job: {script}");
+    }
+    let page = std::fs::read_to_string(root.join("docs/providers/minio.md")).unwrap();
+    for claim in [
+        "127.0.0.1:9000",
+        "127.0.0.1:9001",
+        "`nix-cache`",
+        "`cachepush` / `cachepush-secret-change-me`",
+        "`create-bucket`",
+        "minioadmin-change-me",
+    ] {
+        assert!(
+            page.contains(claim),
+            "docs/providers/minio.md lacks {claim}"
+        );
+    }
+}
+
+/// Every `cachepush ...` command in examples/ and docs/: a real subcommand, real flags.
+#[test]
+fn every_cachepush_command_in_the_examples_and_docs_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in ["examples", "docs"] {
+        let mut stack = vec![root.join(dir)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().filter_map(Result::ok) {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+    }
+    files.push(root.join("README.md"));
+    let mut helps = std::collections::HashMap::new();
+    let mut all_help = String::new();
+    let subcommands = [
+        "copy",
+        "push",
+        "gateway",
+        "keygen",
+        "pubkey",
+        "watch-exec",
+        "watch-store",
+        "post-build-hook",
+        "completions",
+        "man",
+    ];
+    for sub in subcommands {
+        let h = stdout(&run_ok(cachepush().arg(sub).arg("--help")));
+        all_help.push_str(&h);
+        helps.insert(sub, h);
+    }
+    let mut checked = 0;
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        // Join continued lines, then look at each command from `cachepush` on.
+        let joined = text.replace("\\\n", " ");
+        for line in joined.lines() {
+            for (i, _) in line.match_indices("cachepush ") {
+                let before = &line[..i];
+                if before.ends_with('/') && !before.ends_with("bin/") {
+                    continue; // a path such as /etc/cachepush/...
+                }
+                let words: Vec<&str> = line[i..].split_whitespace().collect();
+                let Some(sub) = words.get(1) else { continue };
+                if !subcommands.contains(sub) {
+                    continue; // prose ("cachepush is ...")
+                }
+                let help = &helps[sub];
+                for w in &words[2..] {
+                    if let Some(flag) = w.strip_prefix("--") {
+                        let flag = flag
+                            .split('=')
+                            .next()
+                            .unwrap()
+                            .trim_end_matches([',', '`', ')', '"']);
+                        if flag.is_empty() {
+                            break; // `--` before a command
+                        }
+                        assert!(
+                            help.contains(&format!("--{flag}")),
+                            "{}: `cachepush {sub}` has no --{flag}",
+                            f.display()
+                        );
+                    }
+                    if w.starts_with('|') || w.starts_with(">") || *w == "&&" {
+                        break;
+                    }
+                }
+                checked += 1;
+            }
+        }
+        for var in text
+            .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+            .filter(|w| w.starts_with("CACHEPUSH_") && w.len() > 10)
+        {
+            let known = all_help.contains(var)
+                || ["CACHEPUSH_SIGNING_KEY", "CACHEPUSH_CONFIG"].contains(&var);
+            assert!(
+                known,
+                "{}: {var} is not a variable cachepush reads",
+                f.display()
+            );
+        }
+    }
+    assert!(
+        checked > 20,
+        "only {checked} commands found: the extraction is broken"
+    );
+}
+
+#[test]
+fn completions_and_a_man_page_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = run_ok(cachepush().args(["completions", shell]));
+        let text = stdout(&o);
+        assert!(
+            text.contains("watch-exec") && text.contains("signing-key"),
+            "{shell}"
+        );
+    }
+    let man = stdout(&run_ok(cachepush().arg("man")));
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH cachepush"),
+        "{}",
+        &man[..200.min(man.len())]
+    );
+    assert!(man.contains("gateway"));
+    let o = cachepush().args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn watch_store_publishes_new_store_paths_until_stopped() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, _) = keygen(tmp.path(), "watch-store-1");
+    let bucket = s3.new_bucket("watchstore");
+    // Built before the watcher starts: an old path it must leave alone.
+    let old = hashes(&[shared_top().to_path_buf()]);
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let mut watcher = c
+        .arg("watch-store")
+        .arg("--to")
+        .arg(s3.url(&bucket, ""))
+        .arg("--signing-key")
+        .arg(&sk)
+        .arg("--queue")
+        .arg(tmp.path().join("queue"))
+        .args(["--interval", "0.3"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Give it time to take its snapshot of the store: only later paths are its business.
+    std::thread::sleep(Duration::from_millis(800));
+    let top = build("", &unique("watch-store"));
+    let want = hashes(&closure_of(&top));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !want.is_subset(&published(&s3, &bucket, "")) {
+        assert!(
+            Instant::now() < deadline,
+            "watch-store did not publish the new paths"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // What was in the store before it started is left alone.
+    assert!(published(&s3, &bucket, "").is_disjoint(&old));
+    run_ok(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(watcher.id().to_string()),
+    );
+    assert!(watcher.wait().unwrap().success());
+}
