@@ -67,7 +67,9 @@ for _ in $(seq 1 50); do
 done
 
 say "substituting it with the real Nix through the gateway into a fresh store (signatures checked)"
-nix --extra-experimental-features nix-command copy \
+# A narinfo disk cache of its own: Nix remembers narinfos by URL, and an earlier run on
+# this port served another bucket.
+XDG_CACHE_HOME="$work/nix-cache" nix --extra-experimental-features nix-command copy \
   --from "http://localhost:$port" --to "$work/fresh-store" "$top" \
   --option trusted-public-keys "$pubkey" --option require-sigs true \
   --option netrc-file "$work/netrc"

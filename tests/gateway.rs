@@ -39,10 +39,8 @@ fn gateway(s3: &S3, bucket: &str, extra: &[&str]) -> Gateway {
 
 /// `nix copy --from URL` into a fresh store, signatures checked, with a netrc file or none.
 fn nix_via(url: &str, dest: &Path, path: &Path, pk: &str, netrc: Option<&Path>) -> Output {
-    require("nix");
     let netrc = netrc.map_or("/nonexistent/netrc".into(), |p| p.display().to_string());
-    Command::new("nix")
-        .args(NIX_FLAGS)
+    nix()
         .args(["copy", "--from", url, "--to"])
         .arg(dest)
         .arg(path)
@@ -513,8 +511,7 @@ fn gateway_signs_with_its_own_key_serves_tls_unix_sockets_and_config_files() {
 
     // The real Nix over HTTPS, trusting the gateway's key (and not another).
     let nix_tls = |dest: &str, pk: &str| {
-        Command::new("nix")
-            .args(NIX_FLAGS)
+        nix()
             .args(["copy", "--from", &https, "--to"])
             .arg(tmp.path().join(dest))
             .arg(&top)

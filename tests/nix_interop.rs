@@ -101,8 +101,7 @@ fn a_cache_written_by_nix_round_trips_byte_for_byte() {
     let (nix_sk, nix_pk) = nix_keygen(tmp.path(), "nix-made-1");
     let cache = tmp.path().join("nixcache");
     run_ok(
-        Command::new("nix")
-            .args(NIX_FLAGS)
+        nix()
             .arg("copy")
             .arg("--to")
             .arg(format!(
@@ -157,8 +156,7 @@ fn keys_work_both_ways_with_nix() {
         "an unsigned cache must be refused"
     );
     run_ok(
-        Command::new("nix")
-            .args(NIX_FLAGS)
+        nix()
             .args(["store", "sign", "--recursive", "--key-file"])
             .arg(&our_sk)
             .args(["--store", &url])
@@ -180,8 +178,7 @@ fn signatures_already_in_the_store_are_kept_beside_ours() {
     let top = build("", &salt);
     let (store_sk, store_pk) = nix_keygen(tmp.path(), "upstream-1");
     run_ok(
-        Command::new("nix")
-            .args(NIX_FLAGS)
+        nix()
             .args(["store", "sign", "--recursive", "--key-file"])
             .arg(&store_sk)
             .arg(&top),

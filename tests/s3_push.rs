@@ -428,8 +428,7 @@ fn paths_served_upstream_or_signed_by_a_named_key_are_skipped() {
     let other = tmp.path().join("other.sk");
     run_ok(cachepush().arg("keygen").arg("elsewhere-1").arg(&other));
     run_ok(
-        Command::new("nix")
-            .args(NIX_FLAGS)
+        nix()
             .args(["store", "sign", "--key-file"])
             .arg(&other)
             .arg(&dep),

@@ -92,11 +92,29 @@ pub fn cachepush() -> Command {
     c
 }
 
+/// The real `nix`, with the new CLI enabled and a narinfo disk cache of its own.
+///
+/// Nix remembers every narinfo it fetched (for days) keyed by the cache's URL. Gateways in
+/// these tests listen on ephemeral ports, so a port reused by a later test would get the
+/// earlier test's narinfos (signed with another key) from that memory instead of from the
+/// gateway: a fresh `XDG_CACHE_HOME` per invocation keeps each run honest.
+pub fn nix() -> Command {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    require("nix");
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "nix-cache-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut c = Command::new("nix");
+    c.args(NIX_FLAGS).env("XDG_CACHE_HOME", cache);
+    c
+}
+
 /// `nix copy --from CACHE --to <fresh dir> PATH` with signatures checked against `pubkey`.
 pub fn nix_substitute(cache_url: &str, dest: &Path, path: &Path, pubkey: &str) -> Output {
-    require("nix");
-    Command::new("nix")
-        .args(NIX_FLAGS)
+    nix()
         .args(["copy", "--from", cache_url, "--to"])
         .arg(dest)
         .arg(path)
