@@ -21,8 +21,19 @@ ensure_nix() {
     say "installing nix-bin from Debian"
     apt_install nix-bin
   fi
-  # Debian's nix has no sandbox on this kind of machine; the fixtures build with /bin/sh.
   nix-store --version >/dev/null || die "nix-store does not run"
+  # The fixtures build with the host's /bin/sh and /usr/bin, so outside Nix's sandbox
+  # (Debian's nix-bin turns it on where the kernel allows). Debian's package creates no
+  # nixbld group, and root's default build-users-group is nixbld, so without the group
+  # root builds as itself. Set for the processes these scripts start only: nothing is
+  # written to /etc/nix, and a configured multi-user Nix keeps its own settings.
+  local conf="sandbox = false"
+  if [ "$(id -u)" = 0 ] && ! getent group nixbld >/dev/null; then
+    conf="$conf
+build-users-group ="
+  fi
+  export NIX_CONFIG="${NIX_CONFIG:+$NIX_CONFIG
+}$conf"
 }
 
 # Creates a bucket with a SigV4-signed PUT (curl, no SDK needed): make_bucket ENDPOINT NAME.
