@@ -190,6 +190,11 @@ impl Encoder {
                 // Worker threads only pay off when there is more than one job's worth of input.
                 if threads > 1 && nar_size_hint > 8 << 20 {
                     e.multithread(threads)?;
+                    // Each large NAR in flight holds several of zstd's jobs in memory. With
+                    // the default job (8 MiB at level 3) a push of one 300 MiB NAR peaked at
+                    // 117 MiB RSS; with 2 MiB jobs at 76 MiB, for 1% more output at the
+                    // same speed (2 cores).
+                    e.set_parameter(zstd::stream::raw::CParameter::JobSize(2 << 20))?;
                 }
                 Encoder::Zstd(e)
             }

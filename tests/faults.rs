@@ -506,3 +506,69 @@ fn interrupted_at_each_stage_leaves_a_consistent_cache() {
         assert_verified(&s3, &bucket, &pk, 3);
     }
 }
+
+/// The plan's listing and its HEADs, through the proxy: when HEADs are slow the listing
+/// answers for them; when listing is refused the HEADs answer everything. Either way the
+/// push sends exactly the paths whose narinfo is missing.
+#[test]
+fn the_plan_listing_answers_for_slow_heads_and_a_refused_listing_changes_nothing() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let top = build_wide(&unique("listing"));
+    let bucket = s3.new_bucket("listing");
+    let first = push(&s3, &s3.endpoint, &bucket, &sk, &[], &top);
+    assert!(first.status.success(), "{}", stderr_of(&first));
+    let narinfos: Vec<String> = s3
+        .keys(&bucket, "")
+        .into_iter()
+        .filter(|k| k.ends_with(".narinfo"))
+        .collect();
+    assert_eq!(narinfos.len(), 151);
+
+    // Slow HEADs: the HEADs started before the first page came back are the only ones.
+    for k in narinfos.iter().step_by(10) {
+        s3.delete(&bucket, k);
+    }
+    proxy.add(Rule {
+        method: "HEAD",
+        target: ".narinfo",
+        times: usize::MAX,
+        fault: Fault::Stall(Duration::from_millis(500)),
+    });
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let j = json(&o);
+    assert_eq!(j["pushed"], 16, "{j}");
+    assert_eq!(j["requests"]["list"], 1, "{j}");
+    let heads = j["requests"]["head"].as_u64().unwrap();
+    assert!(
+        heads < 100,
+        "{heads} HEADs for 151 paths: the listing did not answer"
+    );
+    assert_verified(&s3, &bucket, &pk, 151);
+
+    // No permission to list: a note, and HEADs for every path.
+    proxy.clear();
+    proxy.add(Rule {
+        method: "GET",
+        target: "list-type=2",
+        times: usize::MAX,
+        fault: Fault::Status(403, "AccessDenied", None),
+    });
+    for k in narinfos.iter().skip(5).step_by(10) {
+        s3.delete(&bucket, k);
+    }
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let j = json(&o);
+    assert_eq!(j["pushed"], 15, "{j}");
+    assert!(j["requests"]["head"].as_u64().unwrap() >= 151, "{j}");
+    assert!(
+        stderr_of(&o).contains("listing the cache stopped"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert_verified(&s3, &bucket, &pk, 151);
+}

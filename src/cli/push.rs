@@ -65,6 +65,12 @@ pub struct Selection {
     /// paths whose NAR is missing.
     #[arg(long)]
     repair: bool,
+    /// Ask for each narinfo with a HEAD only, never list the bucket (for stores whose
+    /// listings lag behind their writes). By default large closures also list the top
+    /// level, which answers up to 1,000 paths per request.
+    #[arg(long, env = "CACHEPUSH_NO_LIST",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    no_list: bool,
     /// Print one JSON summary object on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -274,6 +280,7 @@ fn one_shot(
             return Ok(ExitCode::SUCCESS);
         };
         pusher.plan_opts.repair = select.repair;
+        pusher.plan_opts.list = !select.no_list;
         let outcome = pusher
             .push(roots, !select.no_closure, select.dry_run, select.json)
             .await?;
@@ -398,7 +405,7 @@ impl Pusher {
                 concurrency: (jobs * 4).clamp(16, 256),
                 skip_signed_by,
                 upstreams,
-                repair: false,
+                ..PlanOptions::default()
             },
             out,
             stop: stop_signal(),
@@ -504,6 +511,11 @@ impl Pusher {
             out.warn(&format!(
                 "{}: its narinfo is in the cache but its NAR is not; pushing it again",
                 store.store_dir().display(p)
+            ));
+        }
+        if let Some(e) = &plan.listing_error {
+            out.info(&format!(
+                "listing the cache stopped ({e}); asked for each remaining path instead"
             ));
         }
         for e in &plan.upstream_errors {

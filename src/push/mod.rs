@@ -1,7 +1,8 @@
 //! The push pipeline, in stages: closure → plan → upload.
 //!
 //! 1. **Closure**: `store::LocalStore::query` gives every path with its metadata.
-//! 2. **Plan** ([`plan`]): asks the target which narinfos exist (bounded concurrency) and
+//! 2. **Plan** ([`plan`]): asks the target which narinfos exist (bounded concurrency;
+//!    HEADs meeting a listing, [`presence`]) and
 //!    splits the closure into "already there" and "to send". Nothing is written.
 //! 3. **Upload** ([`execute`]): NARs are streamed, largest first, at most `jobs` at once;
 //!    each is staged, its NarHash checked against the store's, then committed. A narinfo
@@ -9,6 +10,7 @@
 //!    visible narinfo never points at something missing, whatever fails or stops.
 
 mod plan;
+pub mod presence;
 mod upload;
 
 pub use plan::{Plan, PlanOptions, plan};

@@ -1,13 +1,16 @@
 //! Deciding what to send, before anything is written.
 //!
 //! A path is skipped when, in this order:
-//! 1. its narinfo is in the target (HEAD, never a listing: listings lag on some stores);
+//! 1. its narinfo is in the target (HEADs, and for large closures a listing of the top
+//!    level at the same time, see [`super::presence`]; `list: false` for stores whose
+//!    listings lag behind their writes);
 //! 2. its local signatures include a key named by `--skip-signed-by` (e.g. paths built by
 //!    Hydra and signed `cache.nixos.org-1`, which clients get from there);
 //! 3. an `--upstream` cache serves its narinfo.
 
 use futures::{StreamExt, TryStreamExt};
 
+use super::presence::presence;
 use crate::storage::{Storage, StorageError};
 use crate::store::PathInfo;
 use crate::upstream::{Upstream, UpstreamError};
@@ -29,6 +32,8 @@ pub struct Plan {
     pub upstream_errors: Vec<UpstreamError>,
     /// Paths whose narinfo was present but whose NAR was not (`repair`); also in `to_send`.
     pub repaired: Vec<crate::format::StorePath>,
+    /// Why listing the target stopped early (HEADs answered the rest).
+    pub listing_error: Option<StorageError>,
 }
 
 impl Plan {
@@ -43,7 +48,7 @@ impl Plan {
 }
 
 /// What to skip besides what the target has.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PlanOptions {
     /// Requests in flight at once, to the target and to each upstream.
     pub concurrency: usize,
@@ -52,6 +57,20 @@ pub struct PlanOptions {
     /// Check that each present narinfo's NAR exists too, and push again the paths whose
     /// NAR is missing (a cache damaged by another tool or a deleted object).
     pub repair: bool,
+    /// List the target's narinfos as well as asking for each (large closures only).
+    pub list: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            concurrency: 16,
+            skip_signed_by: Vec::new(),
+            upstreams: Vec::new(),
+            repair: false,
+            list: true,
+        }
+    }
 }
 
 /// Checks which narinfos exist, with at most `opts.concurrency` requests in flight.
@@ -65,13 +84,13 @@ pub async fn plan<S: Storage>(
         closure: closure.len(),
         ..Plan::default()
     };
-    let checks = futures::stream::iter(closure.into_iter().map(|info| async move {
-        let key = format!("{}.narinfo", info.path.hash_part());
-        storage.head(&key).await.map(|h| (info, h.is_some()))
-    }))
-    .buffered(concurrency)
-    .try_collect::<Vec<_>>()
-    .await?;
+    let keys: Vec<String> = closure
+        .iter()
+        .map(|info| format!("{}.narinfo", info.path.hash_part()))
+        .collect();
+    let (present, listing_error) = presence(storage, &keys, concurrency, opts.list).await?;
+    plan.listing_error = listing_error;
+    let checks: Vec<(PathInfo, bool)> = closure.into_iter().zip(present).collect();
     let mut missing = Vec::new();
     let checks = if opts.repair {
         futures::stream::iter(checks.into_iter().map(|(info, present)| async move {

@@ -117,6 +117,18 @@ pub trait Storage: Send + Sync + 'static {
     /// Keys under `prefix`, in no particular order. Never used to decide correctness.
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, StorageError>> + Send;
 
+    /// One page of the keys at the top level of the cache (narinfos, `nix-cache-info`; the
+    /// `nar/` folder as one entry), in byte order, starting after the page `next` names.
+    /// `None` when the backend has no listing cheaper than asking for each key.
+    fn list_top_page(
+        &self,
+        next: Option<String>,
+        max_keys: i32,
+    ) -> impl Future<Output = Result<Option<TopPage>, StorageError>> + Send {
+        let _ = (next, max_keys);
+        async { Ok(None) }
+    }
+
     /// Streams an object's bytes, for objects of any size; `None` when it does not exist.
     fn read(
         &self,
@@ -144,6 +156,18 @@ pub trait Storage: Send + Sync + 'static {
     fn abort_open_uploads(&self) -> impl Future<Output = usize> + Send {
         async { 0 }
     }
+}
+
+/// One page of [`Storage::list_top_page`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopPage {
+    /// Object keys in this page (folders left out).
+    pub keys: Vec<String>,
+    /// Every top-level key up to and including this one has now been listed; `None` when
+    /// the listing is complete.
+    pub covered_to: Option<String>,
+    /// Where the next page starts (opaque); `None` when the listing is complete.
+    pub next: Option<String>,
 }
 
 /// An object's bytes as they arrive.

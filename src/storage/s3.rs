@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 
 use futures::StreamExt;
 
-use super::{RequestStats, Staged, Storage, StorageError};
+use super::{RequestStats, Staged, Storage, StorageError, TopPage};
 
 /// S3 refuses more parts than this in one multipart upload.
 pub const MAX_PARTS: u64 = 10_000;
@@ -633,35 +633,33 @@ impl Storage for S3Bucket {
         mut body: mpsc::Receiver<Bytes>,
     ) -> Result<S3Staged, StorageError> {
         let part_size = self.part_size_for(size_hint);
-        let mut buf = BytesMut::with_capacity(part_size.min(1 << 20));
+        // Each part gets an allocation of its own, of exactly its size: a part cut from a
+        // shared, growing buffer would pin that whole buffer (up to twice the part size)
+        // for as long as the part is in flight. Most NARs are small, so the first buffer
+        // is sized by the NAR (compressed output is rarely larger), not by the part.
+        let hint = usize::try_from(size_hint).unwrap_or(usize::MAX);
+        let mut buf = BytesMut::with_capacity(part_size.min(hint.saturating_add(64 << 10)));
+        let mut carry = None;
         // Below one part: a single PUT on commit, nothing sent yet.
-        while buf.len() < part_size {
-            match body.recv().await {
-                Some(chunk) => buf.extend_from_slice(&chunk),
-                None => {
-                    return Ok(S3Staged::Single {
-                        bucket: self.clone(),
-                        key: key.to_owned(),
-                        ct,
-                        body: buf.freeze(),
-                    });
-                }
-            }
+        if !fill_part(&mut buf, part_size, &mut carry, &mut body).await {
+            return Ok(S3Staged::Single {
+                bucket: self.clone(),
+                key: key.to_owned(),
+                ct,
+                body: buf.freeze(),
+            });
         }
         let mut mp = Multipart::start(self.clone(), key, ct).await?;
         let sent: Result<(), StorageError> = async {
             loop {
-                while buf.len() >= part_size {
-                    let part = buf.split_to(part_size).freeze();
-                    mp.send_part(part).await?;
+                mp.send_part(std::mem::take(&mut buf).freeze()).await?;
+                buf = BytesMut::with_capacity(part_size);
+                if !fill_part(&mut buf, part_size, &mut carry, &mut body).await {
+                    if !buf.is_empty() {
+                        mp.send_part(std::mem::take(&mut buf).freeze()).await?;
+                    }
+                    break;
                 }
-                match body.recv().await {
-                    Some(chunk) => buf.extend_from_slice(&chunk),
-                    None => break,
-                }
-            }
-            if !buf.is_empty() {
-                mp.send_part(buf.freeze()).await?;
             }
             mp.wait_parts().await
         }
@@ -751,6 +749,69 @@ impl Storage for S3Bucket {
         n
     }
 
+    async fn list_top_page(
+        &self,
+        next: Option<String>,
+        max_keys: i32,
+    ) -> Result<Option<TopPage>, StorageError> {
+        let i = &self.inner;
+        let full = i.object_key("");
+        let strip = full.len();
+        let res = i
+            .retry("LIST", "", || {
+                i.counts.list.fetch_add(1, Ordering::Relaxed);
+                i.client
+                    .list_objects_v2()
+                    .bucket(&i.cfg.bucket)
+                    .prefix(&full)
+                    // Everything under nar/ (as many objects as narinfos) rolls up into one
+                    // entry, so a page holds up to `max_keys` narinfos.
+                    .delimiter("/")
+                    .max_keys(max_keys)
+                    .set_continuation_token(next.clone())
+                    .send()
+            })
+            .await?
+            .map_err(|c| to_error("LIST", "", c))?;
+        let relative = |k: &str| k.get(strip..).unwrap_or(k).to_owned();
+        let keys: Vec<String> = res
+            .contents()
+            .iter()
+            .filter_map(|o| o.key())
+            .map(relative)
+            .collect();
+        let next = match res.next_continuation_token() {
+            Some(t) if res.is_truncated() == Some(true) => Some(t.to_owned()),
+            _ => None,
+        };
+        // Keys and folders are each in byte order; the page reaches the greater of the last
+        // of each.
+        let covered_to = next.as_ref().and_then(|_| {
+            let last_key = keys.last().cloned();
+            let last_dir = res
+                .common_prefixes()
+                .iter()
+                .filter_map(|p| p.prefix())
+                .map(relative)
+                .next_back();
+            last_key.max(last_dir)
+        });
+        if next.is_some() && covered_to.is_none() {
+            // A truncated page with nothing in it says nothing about where it got to.
+            return Err(StorageError::Remote {
+                op: "LIST",
+                key: String::new(),
+                message: "a truncated listing page holds no keys".into(),
+                transient: false,
+            });
+        }
+        Ok(Some(TopPage {
+            keys,
+            covered_to,
+            next,
+        }))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let i = &self.inner;
         let full = i.object_key(prefix);
@@ -786,6 +847,31 @@ impl Storage for S3Bucket {
         }
         Ok(out)
     }
+}
+
+/// Fills `buf` up to `limit` bytes, first from `carry` (the rest of a chunk that crossed
+/// the previous part's end), then from `body`. False when the body ended before `limit`.
+async fn fill_part(
+    buf: &mut BytesMut,
+    limit: usize,
+    carry: &mut Option<Bytes>,
+    body: &mut mpsc::Receiver<Bytes>,
+) -> bool {
+    while buf.len() < limit {
+        let mut chunk = match carry.take() {
+            Some(c) => c,
+            None => match body.recv().await {
+                Some(c) => c,
+                None => return false,
+            },
+        };
+        let room = limit - buf.len();
+        if chunk.len() > room {
+            *carry = Some(chunk.split_off(room));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    true
 }
 
 /// What [`S3Bucket::get_stream`] found.

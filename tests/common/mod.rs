@@ -66,6 +66,18 @@ pub fn build(attr: &str, salt: &str) -> PathBuf {
     PathBuf::from(stdout(&out))
 }
 
+/// Builds `tests/fixtures/wide.nix`: 150 small leaves under one top, 151 paths in all.
+pub fn build_wide(salt: &str) -> PathBuf {
+    require("nix-build");
+    let out = run_ok(
+        Command::new("nix-build")
+            .arg(fixture("wide.nix"))
+            .args(["--no-out-link", "--argstr", "salt", salt])
+            .args(["--option", "substituters", ""]),
+    );
+    PathBuf::from(stdout(&out))
+}
+
 /// The closure fixture built once per test binary with the empty salt.
 pub fn shared_top() -> &'static Path {
     static TOP: OnceLock<PathBuf> = OnceLock::new();
