@@ -21,7 +21,6 @@ ensure_nix() {
     say "installing nix-bin from Debian"
     apt_install nix-bin
   fi
-  nix-store --version >/dev/null || die "nix-store does not run"
   # The fixtures build with the host's /bin/sh and /usr/bin, so outside Nix's sandbox
   # (Debian's nix-bin turns it on where the kernel allows). Debian's package creates no
   # nixbld group, and root's default build-users-group is nixbld, so without the group
@@ -34,6 +33,7 @@ build-users-group ="
   fi
   export NIX_CONFIG="${NIX_CONFIG:+$NIX_CONFIG
 }$conf"
+  nix-store --version >/dev/null || die "nix-store does not run"
 }
 
 # Creates a bucket with a SigV4-signed PUT (curl, no SDK needed): make_bucket ENDPOINT NAME.
