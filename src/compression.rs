@@ -187,6 +187,14 @@ impl Encoder {
             Compression::Zstd { level, threads } => {
                 let mut e = zstd::stream::write::Encoder::new(out, level)?;
                 e.include_checksum(true)?;
+                // Tables sized for the NAR, not for an unknown (unbounded) input: most NARs
+                // are a few KiB, and clearing full-size tables for each of them was the
+                // largest single cost of pushing 2,000 small paths. A hint, not a pledge, so
+                // a path that changed while read still ends in the NarHash check.
+                if nar_size_hint > 0 {
+                    let hint = u32::try_from(nar_size_hint).unwrap_or(u32::MAX);
+                    e.set_parameter(zstd::stream::raw::CParameter::SrcSizeHint(hint))?;
+                }
                 // Worker threads only pay off when there is more than one job's worth of input.
                 if threads > 1 && nar_size_hint > 8 << 20 {
                     e.multithread(threads)?;
