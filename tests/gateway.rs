@@ -548,3 +548,44 @@ fn gateway_signs_with_its_own_key_serves_tls_unix_sockets_and_config_files() {
     let e = stderr_of(&out);
     assert!(e.contains("listen-adress") && e.contains("line 2"), "{e}");
 }
+
+/// Slow clients (slowloris): connections that never finish their request head do not
+/// keep others from being served, and the gateway closes them when the header timeout
+/// (10 s) runs out instead of holding them open.
+#[test]
+fn slow_clients_do_not_starve_others_and_are_cut_off() {
+    use std::io::{Read, Write};
+    let s3 = S3::seaweedfs();
+    let bucket = s3.new_bucket("slow");
+    let gw = gateway(&s3, &bucket, &[]);
+    let mut slow: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+            s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: localhost\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    let r = get(gw.addr, "/nix-cache-info");
+    assert_eq!(r.status, 200, "{r:?}");
+    for s in &mut slow {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut answer = Vec::new();
+        match s.read_to_end(&mut answer) {
+            // Closed, with nothing or with a 408 and nothing of the bucket in it.
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&answer);
+                assert!(
+                    text.is_empty() || text.starts_with("HTTP/1.1 408"),
+                    "{text}"
+                );
+                assert!(!text.contains(&bucket), "{text}");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("a slow connection was still open after 30 s: {e}"),
+        }
+    }
+    // And the gateway still serves.
+    assert_eq!(get(gw.addr, "/nix-cache-info").status, 200);
+}
