@@ -457,13 +457,13 @@ def targets(r):
     if "W1" in w:
         x = w["W1"]
         ratio = med(x["ratio_peer_over_cachepush"])
-        row("W1: ≥ 5× faster than nix copy + aws s3 sync", f"{ratio:.1f}×", ratio >= 5)
+        row("W1: ≥ 5× faster than nix copy + aws s3 sync", f"{ratio:.2f}×", ratio >= 5)
         up = x["cachepush"]["wall"]["median"] / x["upload_floor"]["wall"]["median"]
         row("W1: within 1.5× of the upload floor", f"{up:.2f}×", up <= 1.5)
     if "W2" in w:
         x = w["W2"]
         ratio = med(x["ratio_peer_over_cachepush"])
-        row("W2: ≥ 2× faster than nix copy + aws s3 sync", f"{ratio:.1f}×", ratio >= 2)
+        row("W2: ≥ 2× faster than nix copy + aws s3 sync", f"{ratio:.2f}×", ratio >= 2)
         cpu = x["cachepush"]["wall"]["median"] / x["cpu_floor"]["wall"]["median"]
         row("W2: within 1.3× of the CPU floor", f"{cpu:.2f}×", cpu <= 1.3)
         rss = x["cachepush"]["rss_mib"]["max"]
