@@ -204,6 +204,97 @@ fn a_narinfo_tampered_in_the_bucket_is_refused_by_nix() {
     );
 }
 
+/// Security review H2: bucket write access must not become the power to have the
+/// gateway's key vouch for anything. The gateway countersigns only narinfos carrying a
+/// valid signature by a `--require-signature-by` key; everything else reaches Nix without
+/// the gateway's signature and is refused, while the untouched path is accepted.
+#[test]
+fn a_signing_gateway_countersigns_only_what_a_required_key_signed() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (ci_sk, ci_pk) = keygen(tmp.path(), "ci-1");
+    let (gsk, gpk) = keygen(tmp.path(), "gateway-1");
+    let gsk = gsk.to_str().unwrap();
+    let top = build("", "gw-countersign");
+    let dep = build("dep", "gw-countersign");
+    let planted = build("", "gw-countersign-planted");
+    let bucket = s3.new_bucket("countersign");
+    push(&s3, &bucket, Some(&ci_sk), &top);
+    // A writer without the CI key adds an unsigned path.
+    push(&s3, &bucket, None, &planted);
+
+    // A signing key alone is refused: the operator must choose a policy.
+    let o = gateway_cmd(&s3, &bucket, &["--signing-key", gsk])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("--require-signature-by")
+            && stderr_of(&o).contains("--sign-unverified"),
+        "{}",
+        stderr_of(&o)
+    );
+
+    let policy = ["--signing-key", gsk, "--require-signature-by", &ci_pk];
+    let gw = gateway(&s3, &bucket, &policy);
+    let ok = nix_via(&gw.url(), &tmp.path().join("ok"), &top, &gpk, None);
+    assert!(ok.status.success(), "{}\n{}", stderr_of(&ok), gw.log_text());
+    let r = get(gw.addr, &format!("/{}.narinfo", hash_of(&planted)));
+    assert_eq!(r.status, 200);
+    assert!(!r.text().contains("Sig: gateway-1:"), "{}", r.text());
+    let refused = nix_via(&gw.url(), &tmp.path().join("planted"), &planted, &gpk, None);
+    assert!(
+        !refused.status.success(),
+        "Nix accepted an unsigned planted path"
+    );
+    assert!(
+        gw.log_text()
+            .contains("no valid signature by a --require-signature-by key"),
+        "{}",
+        gw.log_text()
+    );
+    assert!(gw.metric("cachepush_gateway_unvouched_narinfos_total", "") >= 1);
+
+    // Tampered after CI signed it: the CI signature no longer verifies, so no countersign.
+    let key = format!("{}.narinfo", hash_of(&top));
+    let text = String::from_utf8(s3.get(&bucket, &key)).unwrap();
+    let dep_text =
+        String::from_utf8(s3.get(&bucket, &format!("{}.narinfo", hash_of(&dep)))).unwrap();
+    let line = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("NarHash: "))
+            .unwrap()
+            .to_owned()
+    };
+    s3.put(
+        &bucket,
+        &key,
+        text.replace(&line(&text), &line(&dep_text)).as_bytes(),
+    );
+    // A narinfo copied under another path's name is never served.
+    let alias = format!("{}.narinfo", "1".repeat(32));
+    s3.put(&bucket, &alias, text.as_bytes());
+    let gw = gateway(&s3, &bucket, &policy);
+    let refused = nix_via(&gw.url(), &tmp.path().join("tampered"), &top, &gpk, None);
+    assert!(!refused.status.success(), "Nix accepted a tampered narinfo");
+    assert!(
+        stderr_of(&refused).contains("signature"),
+        "{}",
+        stderr_of(&refused)
+    );
+    assert_eq!(get(gw.addr, &format!("/{alias}")).status, 502);
+
+    // The explicit opt-in signs whatever is there: the planted path is accepted.
+    let gw = gateway(&s3, &bucket, &["--signing-key", gsk, "--sign-unverified"]);
+    assert!(
+        gw.log_text().contains("--sign-unverified"),
+        "{}",
+        gw.log_text()
+    );
+    let blessed = nix_via(&gw.url(), &tmp.path().join("blessed"), &planted, &gpk, None);
+    assert!(blessed.status.success(), "{}", stderr_of(&blessed));
+}
+
 #[test]
 fn head_in_redirect_mode_and_ranges_in_proxy_mode() {
     let top = shared_top();
@@ -450,7 +541,7 @@ fn gateway_signs_with_its_own_key_serves_tls_unix_sockets_and_config_files() {
     std::fs::write(
         &config,
         format!(
-            "signing-key = {:?}\ntls-cert = {:?}\ntls-key = {:?}\nlisten = [\"127.0.0.1:0\", \"[::1]:0\", \"unix:{}\"]\n",
+            "signing-key = {:?}\nsign-unverified = true\ntls-cert = {:?}\ntls-key = {:?}\nlisten = [\"127.0.0.1:0\", \"[::1]:0\", \"unix:{}\"]\n",
             gsk, cert, key, sock.display()
         ),
     )

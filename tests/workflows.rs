@@ -356,27 +356,46 @@ fn an_envrc_or_a_project_file_configures_push_without_flags() {
 }
 
 #[test]
-fn github_actions_get_groups_annotations_masks_and_a_clean_skip_for_forks() {
+fn github_actions_get_groups_and_annotations_on_stderr_never_the_key_and_a_clean_skip_for_forks() {
     let tmp = tempfile::tempdir().unwrap();
     let (sk, _) = keygen(tmp.path(), "gha-1");
     let top = shared_top();
     let cache = format!("file://{}", tmp.path().join("cache").display());
-    let o = cachepush()
-        .env("GITHUB_ACTIONS", "true")
-        .args(["copy", "--to", &cache, "--signing-key"])
-        .arg(&sk)
-        .arg(top)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr_of(&o));
     let secret = std::fs::read_to_string(&sk).unwrap();
-    let secret = secret.trim().split_once(':').unwrap().1;
-    assert!(
-        out(&o).contains(&format!("::add-mask::{secret}")),
-        "{}",
-        out(&o)
-    );
-    assert!(out(&o).contains("::group::pushing ") && out(&o).contains("::endgroup::"));
+    let secret = secret.trim().split_once(':').unwrap().1.to_owned();
+    // Security review H1: with `--json > file`, stdout must be exactly one JSON value and
+    // the key must appear on neither stream, whether it came from a file or from the
+    // environment (where the runner has masked it already).
+    for from_env in [false, true] {
+        let mut c = cachepush();
+        c.env("GITHUB_ACTIONS", "true")
+            .args(["copy", "--json", "--to", &cache]);
+        if from_env {
+            c.env(
+                "CACHEPUSH_SIGNING_KEY",
+                std::fs::read_to_string(&sk).unwrap(),
+            );
+        } else {
+            c.arg("--signing-key").arg(&sk);
+        }
+        let o = c.arg(top).output().unwrap();
+        assert!(o.status.success(), "{}", stderr_of(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {}", out(&o)));
+        assert!(v.get("pushed").is_some(), "{v}");
+        assert!(!out(&o).contains(&secret), "the key is on stdout");
+        assert!(!stderr_of(&o).contains(&secret), "the key is on stderr");
+        assert!(
+            !out(&o).contains("::"),
+            "workflow command on stdout: {}",
+            out(&o)
+        );
+        assert!(
+            stderr_of(&o).contains("::group::pushing ") && stderr_of(&o).contains("::endgroup::"),
+            "{}",
+            stderr_of(&o)
+        );
+    }
     // Outside Actions, none of that.
     let plain = run_ok(
         cachepush()
@@ -386,6 +405,7 @@ fn github_actions_get_groups_annotations_masks_and_a_clean_skip_for_forks() {
             .arg(top),
     );
     assert!(!out(&plain).contains("::"), "{}", out(&plain));
+    assert!(!stderr_of(&plain).contains("::"), "{}", stderr_of(&plain));
 
     let bad = tmp.path().join("bad.sk");
     std::fs::write(&bad, "truncated:AAAA").unwrap();
@@ -397,7 +417,12 @@ fn github_actions_get_groups_annotations_masks_and_a_clean_skip_for_forks() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(out(&o).starts_with("::error::"), "{}", out(&o));
+    assert!(
+        stderr_of(&o).lines().any(|l| l.starts_with("::error::secret key file")),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(o.stdout.is_empty(), "{}", out(&o));
 
     // A pull request from a fork: the secrets are empty. With the switch, a warning and
     // exit 0 that writes nothing; without it, a failure.
@@ -424,7 +449,7 @@ fn github_actions_get_groups_annotations_masks_and_a_clean_skip_for_forks() {
         "{}",
         stderr_of(&o)
     );
-    assert!(out(&o).contains("::warning::"), "{}", out(&o));
+    assert!(stderr_of(&o).contains("::warning::"), "{}", stderr_of(&o));
     assert!(s3.keys(&bucket, "").is_empty());
     let o = fork(false);
     assert!(

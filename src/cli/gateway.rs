@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cachepush::gateway::{self, Delivery, GatewayConfig, Listen, auth::Auth};
+use cachepush::format::PublicKey;
+use cachepush::gateway::{self, Delivery, GatewayConfig, Listen, auth::Auth, sign::Countersigner};
 use cachepush::storage::{S3Bucket, Storage};
 use cachepush::target::TargetUrl;
 use clap::Args;
@@ -47,9 +48,23 @@ pub struct GatewayArgs {
     /// Most narinfos held in memory [default: 100000].
     #[arg(long, value_name = "N", env = "CACHEPUSH_GATEWAY_CACHE_ENTRIES")]
     cache_entries: Option<usize>,
-    /// Add this key's signature to every narinfo served (for buckets filled by other tools).
+    /// Add this key's signature to narinfos served: only to those validly signed by a
+    /// --require-signature-by key, or to all with --sign-unverified.
     #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_SIGNING_KEY_FILE")]
     signing_key: Option<PathBuf>,
+    /// Countersign only narinfos carrying a valid signature by this public key
+    /// (NAME:BASE64, as in trusted-public-keys); repeatable. Others are served unsigned.
+    #[arg(
+        long,
+        value_name = "PUBKEY",
+        env = "CACHEPUSH_GATEWAY_REQUIRE_SIGNATURE_BY",
+        value_delimiter = ' '
+    )]
+    require_signature_by: Vec<String>,
+    /// Countersign every narinfo in the bucket, signed or not. DANGEROUS: whoever can
+    /// write to the bucket can then make clients install anything.
+    #[arg(long)]
+    sign_unverified: bool,
     /// Require HTTP Basic auth checked against this htpasswd file (bcrypt, `htpasswd -nB`).
     #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_HTPASSWD")]
     htpasswd: Option<PathBuf>,
@@ -97,6 +112,8 @@ struct FileConfig {
     negative_ttl: Option<u64>,
     cache_entries: Option<usize>,
     signing_key: Option<PathBuf>,
+    require_signature_by: Option<Vec<String>>,
+    sign_unverified: Option<bool>,
     htpasswd: Option<PathBuf>,
     tokens: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
@@ -162,8 +179,39 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         .unwrap_or_else(|| "redirect".into())
         .parse::<Delivery>()
         .map_err(Failure::input)?;
-    let signing_key = match pick(a.signing_key.clone(), file.signing_key.clone()) {
-        Some(p) => Some(read_secret_key(&p)?),
+    let require_by = if a.require_signature_by.is_empty() {
+        file.require_signature_by.clone().unwrap_or_default()
+    } else {
+        a.require_signature_by.clone()
+    };
+    let require_by = require_by
+        .iter()
+        .filter(|k| !k.trim().is_empty())
+        .map(|k| {
+            PublicKey::parse(k.trim()).map_err(|e| {
+                Failure::input(format!("--require-signature-by {:?}: {e}", k.trim()))
+                    .hint("give a public key as in trusted-public-keys: NAME:BASE64 (`cachepush pubkey FILE` prints it)")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let sign_unverified = a.sign_unverified || file.sign_unverified.unwrap_or(false);
+    let signer = match pick(a.signing_key.clone(), file.signing_key.clone()) {
+        Some(p) => {
+            let key = read_secret_key(&p)?;
+            let signer = Countersigner::new(key, require_by, sign_unverified)
+                .map_err(|e| Failure::input(e.to_string()))?;
+            if sign_unverified {
+                eprintln!(
+                    "warning: --sign-unverified: every narinfo in the bucket gets the gateway's signature; anyone who can write to the bucket can make clients install anything"
+                );
+            }
+            Some(signer)
+        }
+        None if !require_by.is_empty() || sign_unverified => {
+            return Err(Failure::input(
+                "--require-signature-by and --sign-unverified only apply with --signing-key",
+            ));
+        }
         None => None,
     };
     let htpasswd = pick(a.htpasswd.clone(), file.htpasswd.clone());
@@ -202,7 +250,7 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         narinfo_ttl: secs(a.narinfo_ttl, file.narinfo_ttl, 60),
         negative_ttl: secs(a.negative_ttl, file.negative_ttl, 10),
         cache_entries: pick(a.cache_entries, file.cache_entries).unwrap_or(100_000),
-        signing_key,
+        signer,
         auth,
         tls,
         access_log: !(a.quiet || file.quiet.unwrap_or(false)),

@@ -120,8 +120,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(f) => {
             if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
-                let esc = f.message.replace('%', "%25").replace('\n', "%0A");
-                println!("::error::{esc}");
+                eprintln!("::error::{}", output::gha_escape(&f.message));
             }
             eprintln!("error: {}", f.message);
             if let Some(h) = f.hint {

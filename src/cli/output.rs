@@ -18,8 +18,9 @@ pub enum Level {
 
 pub struct Output {
     level: Level,
-    /// Running under GitHub Actions: errors become `::error::` annotations, long listings
-    /// are folded into `::group::`s, and secrets are masked.
+    /// Running under GitHub Actions: errors become `::error::` annotations and long
+    /// listings are folded into `::group::`s. Workflow commands go to stderr (the runner
+    /// reads both streams), so stdout carries only what the user asked for (`--json`).
     gha: bool,
     bars: Option<Bars>,
     lock: Mutex<()>,
@@ -166,7 +167,7 @@ impl Output {
     pub fn warn(&self, text: &str) {
         if self.level >= Level::Normal {
             if self.gha {
-                println!("::warning::{}", gha_escape(text));
+                eprintln!("::warning::{}", gha_escape(text));
             }
             self.line(&format!("warning: {text}"));
         }
@@ -175,7 +176,7 @@ impl Output {
     pub fn error(&self, text: &str) {
         if self.gha {
             // An annotation on the run's summary page, and the line in the log.
-            println!("::error::{}", gha_escape(text));
+            eprintln!("::error::{}", gha_escape(text));
         }
         self.line(&format!("error: {text}"));
     }
@@ -183,23 +184,13 @@ impl Output {
     /// Starts a foldable group in a GitHub Actions log; a no-op elsewhere.
     pub fn group(&self, title: &str) {
         if self.gha && self.level >= Level::Normal {
-            println!("::group::{}", gha_escape(title));
+            eprintln!("::group::{}", gha_escape(title));
         }
     }
 
     pub fn end_group(&self) {
         if self.gha && self.level >= Level::Normal {
-            println!("::endgroup::");
-        }
-    }
-
-    /// Asks GitHub Actions to hide the key's secret text should it ever reach the log.
-    pub fn mask_secret_key(&self, key: Option<&cachepush::format::SecretKey>) {
-        if let (true, Some(k)) = (self.gha, key) {
-            let text = k.to_file_text();
-            if let Some((_, secret)) = text.split_once(':') {
-                println!("::add-mask::{secret}");
-            }
+            eprintln!("::endgroup::");
         }
     }
 }
@@ -221,7 +212,7 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// Workflow commands end at a newline; `%`, CR and LF must be escaped inside them.
-fn gha_escape(s: &str) -> String {
+pub fn gha_escape(s: &str) -> String {
     s.replace('%', "%25")
         .replace('\r', "%0D")
         .replace('\n', "%0A")

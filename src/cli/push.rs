@@ -340,7 +340,9 @@ impl Pusher {
             return skip(&out, "CACHEPUSH_SIGNING_KEY is empty");
         }
         let key = signing_key(settings, &target, file)?;
-        out.mask_secret_key(key.as_ref());
+        // No `::add-mask::` for the key: a value from the runner's secrets is masked
+        // already, and re-printing a secret anywhere is how it leaks (stdout captured into
+        // a file or `$GITHUB_OUTPUT` is never seen by the runner).
         let compression = compression(settings, &target, file)?;
         let upstream_urls = if settings.upstream.is_empty() {
             file.upstream.clone().unwrap_or_default()

@@ -20,6 +20,9 @@ pub struct Metrics {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     auth_failures: AtomicU64,
+    auth_busy: AtomicU64,
+    unvouched: AtomicU64,
+    connections_refused: AtomicU64,
     upstream_count: AtomicU64,
     upstream_sum_us: AtomicU64,
     upstream_buckets: [AtomicU64; BUCKETS.len()],
@@ -47,6 +50,21 @@ impl Metrics {
 
     pub fn auth_failure(&self) {
         self.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A credential check answered 503 because the bcrypt verifier was saturated.
+    pub fn auth_busy(&self) {
+        self.auth_busy.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A narinfo served without the gateway's signature (no valid required signature).
+    pub fn unvouched(&self) {
+        self.unvouched.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection closed at once because the connection limit was reached.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upstream(&self, took: Duration) {
@@ -102,6 +120,24 @@ impl Metrics {
             "cachepush_gateway_auth_failures_total",
             "Requests refused with 401.",
             l(&self.auth_failures),
+        );
+        counter(
+            &mut s,
+            "cachepush_gateway_auth_busy_total",
+            "Requests answered 503 because every password check slot was busy.",
+            l(&self.auth_busy),
+        );
+        counter(
+            &mut s,
+            "cachepush_gateway_unvouched_narinfos_total",
+            "Narinfos served without the gateway's signature: no valid signature by a --require-signature-by key.",
+            l(&self.unvouched),
+        );
+        counter(
+            &mut s,
+            "cachepush_gateway_connections_refused_total",
+            "Connections closed at once because --max-connections were open.",
+            l(&self.connections_refused),
         );
         let _ = writeln!(
             s,

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod cache;
 pub mod metrics;
 pub mod route;
+pub mod sign;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,12 +36,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::format::{NarInfo, SecretKey};
 use crate::storage::{S3Bucket, Storage, StorageError, StreamOutcome, content_type};
 use auth::Auth;
 use cache::{Cached, SmallCache};
 use metrics::Metrics;
 use route::{Reject, Route};
+use sign::{Countersigned, Countersigner};
 
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -105,7 +106,8 @@ pub struct GatewayConfig {
     pub narinfo_ttl: Duration,
     pub negative_ttl: Duration,
     pub cache_entries: usize,
-    pub signing_key: Option<SecretKey>,
+    /// Countersigning (`--signing-key` with its policy); see [`sign`].
+    pub signer: Option<Countersigner>,
     pub auth: Option<Auth>,
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     pub access_log: bool,
@@ -216,38 +218,33 @@ impl State {
         self.metrics.upstream(started.elapsed());
         let got = got.map_err(|e| self.storage_failure(route, &e))?;
         let got = match (got, route) {
-            (Some(text), Route::NarInfo(_)) if self.cfg.signing_key.is_some() => {
-                Some(self.sign(route, &text)?)
-            }
+            (Some(text), Route::NarInfo(hash)) => Some(self.sign(route, hash, text)?),
             (other, _) => other,
         };
         self.cache.put(key, got.clone());
         Ok(got)
     }
 
-    /// Adds the gateway's signature to a narinfo from the bucket (once).
-    fn sign(&self, route: &Route, text: &Bytes) -> Result<Bytes, Refusal> {
-        let Some(key) = &self.cfg.signing_key else {
-            return Ok(text.clone());
+    /// Adds the gateway's signature to a narinfo from the bucket, when its policy allows.
+    fn sign(&self, route: &Route, hash: &str, text: Bytes) -> Result<Bytes, Refusal> {
+        let Some(signer) = &self.cfg.signer else {
+            return Ok(text);
         };
-        let parsed = std::str::from_utf8(text)
-            .map_err(|e| e.to_string())
-            .and_then(|t| NarInfo::parse(t).map_err(|e| e.to_string()));
-        match parsed {
-            Ok(mut ni) => {
-                if !ni.sigs.iter().any(|s| s.key_name() == key.name()) {
-                    ni.sign(key);
-                }
-                Ok(Bytes::from(ni.to_string()))
-            }
-            Err(e) => {
+        match signer.apply(hash, &text) {
+            Ok(Countersigned::Signed(b)) => Ok(b),
+            Ok(Countersigned::Unvouched(b)) => {
+                self.metrics.unvouched();
                 log(&format!(
-                    "error: {}: unreadable narinfo in the bucket: {e}",
+                    "warning: {}: {hash}.narinfo carries no valid signature by a --require-signature-by key; served without the gateway's signature",
                     route.label()
                 ));
+                Ok(b)
+            }
+            Err(e) => {
+                log(&format!("error: {}: {hash}.narinfo: {e}", route.label()));
                 Err(Refusal(
                     StatusCode::BAD_GATEWAY,
-                    "the cache holds an unreadable narinfo\n",
+                    "the cache holds an unusable narinfo\n",
                 ))
             }
         }
@@ -573,7 +570,7 @@ pub async fn serve(
     bucket: S3Bucket,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
-    let public_key = cfg.signing_key.as_ref().map(|k| k.public().to_string());
+    let public_key = cfg.signer.as_ref().map(|k| k.public().to_string());
     let state = Arc::new(State {
         bucket,
         auth: cfg.auth.take().map(Arc::new),
