@@ -489,7 +489,20 @@ fn a_bucket_outage_is_5xx_not_404_and_the_gateway_recovers() {
     assert_eq!(get(gw.addr, &missing).status, 404);
     assert_eq!(get(gw.addr, "/healthz").status, 200);
 
+    // /healthz asks the bucket at most once every 2 s, however often it is called (L6).
+    let before = gw.bucket_requests();
+    for _ in 0..20 {
+        assert_eq!(get(gw.addr, "/healthz").status, 200);
+    }
+    assert!(
+        gw.bucket_requests() - before <= 2,
+        "{}",
+        gw.bucket_requests() - before
+    );
+
     fwd.set_up(false);
+    // Past the health answer's 2 s lifetime.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
     for path in [narinfo.as_str(), missing.as_str(), "/healthz"] {
         let r = get(gw.addr, path);
         assert!(
@@ -500,6 +513,7 @@ fn a_bucket_outage_is_5xx_not_404_and_the_gateway_recovers() {
     }
 
     fwd.set_up(true);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
     assert_eq!(get(gw.addr, &narinfo).status, 200, "{}", gw.log_text());
     assert_eq!(get(gw.addr, &missing).status, 404);
     assert_eq!(get(gw.addr, "/healthz").status, 200);
@@ -679,4 +693,285 @@ fn slow_clients_do_not_starve_others_and_are_cut_off() {
     }
     // And the gateway still serves.
     assert_eq!(get(gw.addr, "/nix-cache-info").status, 200);
+}
+
+/// Waits until an open socket is closed by the gateway; panics if it is still open at
+/// `deadline`. Returns what the gateway sent before closing.
+fn closed_by(s: &mut std::net::TcpStream, deadline: std::time::Instant) -> Vec<u8> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(
+            !left.is_zero(),
+            "a connection was still open at the deadline"
+        );
+        s.set_read_timeout(Some(left)).unwrap();
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("a connection was still open at the deadline: {e}"),
+        }
+    }
+}
+
+/// Security review M1: a socket that sends nothing, one that sends only the HTTP/2
+/// preface, and a keep-alive connection left idle are each closed within their timeout
+/// plus slack; a thousand of them at once do not keep a legitimate client out.
+#[test]
+fn idle_sockets_and_idle_http2_prefaces_are_closed_and_do_not_lock_others_out() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let s3 = S3::seaweedfs();
+    let bucket = s3.new_bucket("idle");
+    let gw = gateway(
+        &s3,
+        &bucket,
+        &["--header-timeout", "3", "--idle-timeout", "3"],
+    );
+    let opened = Instant::now();
+    let mut idle: Vec<std::net::TcpStream> = (0..1000)
+        .map(|_| std::net::TcpStream::connect(gw.addr).expect("connect"))
+        .collect();
+    let mut h2 = std::net::TcpStream::connect(gw.addr).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    // A keep-alive connection that made one request and then went quiet.
+    let mut kept = std::net::TcpStream::connect(gw.addr).unwrap();
+    kept.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+
+    // Meanwhile, a legitimate client is served.
+    let r = get(gw.addr, "/nix-cache-info");
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // 3 s to the first request, plus 3 s of slack for a busy machine.
+    let deadline = opened + Duration::from_secs(6);
+    for s in &mut idle {
+        assert!(closed_by(s, deadline).is_empty());
+    }
+    closed_by(&mut h2, deadline);
+    // The keep-alive one got its answer, then was closed for idling.
+    let answer = closed_by(&mut kept, Instant::now() + Duration::from_secs(6));
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(get(gw.addr, "/nix-cache-info").status, 200);
+
+    // Past --max-connections, new connections are closed at once and counted.
+    let gw = gateway(&s3, &bucket, &["--max-connections", "5"]);
+    let _held: Vec<_> = (0..5)
+        .map(|_| std::net::TcpStream::connect(gw.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(gw.addr).unwrap();
+    closed_by(&mut extra, Instant::now() + Duration::from_secs(5));
+    drop(_held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(gw.addr, "/healthz").status, 200);
+    assert!(gw.metric("cachepush_gateway_connections_refused_total", "") >= 1);
+}
+
+/// Security review M2: 200 concurrent wrong passwords from one host do not delay another
+/// host's first login (a credential the gateway has not verified yet, so a real bcrypt
+/// run) by more than a second; the attacker gets 401, 429 or 503, never 200.
+#[test]
+fn a_flood_of_wrong_passwords_does_not_delay_a_legitimate_first_login() {
+    use std::time::{Duration, Instant};
+    require("htpasswd");
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = s3.new_bucket("bcrypt");
+    // Cost 10, a common production setting (htpasswd's default is 5).
+    let pw = tmp.path().join("htpasswd");
+    let mut child = Command::new("htpasswd")
+        .args(["-niB", "-C", "10", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"correct-horse").unwrap();
+    let out = child.wait_with_output().unwrap();
+    std::fs::write(&pw, stdout(&out)).unwrap();
+    let pw = pw.to_str().unwrap();
+    let gw = gateway(
+        &s3,
+        &bucket,
+        &["--htpasswd", pw, "--listen", "[::1]:0", "-q"],
+    );
+    // The legitimate user comes from another address: [::1].
+    let v6: SocketAddr = (0..50)
+        .find_map(|_| {
+            let port = gw
+                .log_text()
+                .lines()
+                .find_map(|l| l.split("listening on http://[::1]:").nth(1))
+                .map(|p| p.trim().to_owned());
+            if port.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            port
+        })
+        .map(|p| format!("[::1]:{p}").parse().unwrap())
+        .expect("an IPv6 listener");
+    let basic = |user: &str, pass: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    };
+
+    let attackers: Vec<_> = (0..200)
+        .map(|i| {
+            let addr = gw.addr;
+            let h = basic("alice", &format!("wrong-{i}"));
+            std::thread::spawn(move || {
+                request(addr, "GET", "/nix-cache-info", &[("Authorization", &h)]).status
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let r = request(
+        v6,
+        "GET",
+        "/nix-cache-info",
+        &[("Authorization", &basic("alice", "correct-horse"))],
+    );
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{r:?}");
+    let statuses: Vec<u16> = attackers.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        statuses.iter().all(|s| [401, 429, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429),
+        "no attacker was limited: {statuses:?}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the first login took {took:?} under a flood of wrong passwords"
+    );
+    // Wrong passwords one after another: each is checked (401) until the address has
+    // used up its failures for the minute; then 429 with the time to come back, never a
+    // 401 (which Nix would read as "absent").
+    let limited = (0..40)
+        .map(|i| {
+            request(
+                gw.addr,
+                "GET",
+                "/nix-cache-info",
+                &[("Authorization", &basic("alice", &format!("again-{i}")))],
+            )
+        })
+        .find(|r| r.status != 401)
+        .expect("40 wrong passwords in a row and never limited");
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert!(limited.header("retry-after").is_some(), "{limited:?}");
+    // The other host is not affected.
+    let r = request(
+        v6,
+        "GET",
+        "/nix-cache-info",
+        &[("Authorization", &basic("alice", "correct-horse"))],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// Security review M3 and M4: a missing bucket is an outage (5xx everywhere, /healthz
+/// 503, a warning at startup), never "absent"; and responses that needed credentials are
+/// `private` with `Vary: Authorization`, unless the operator says a CDN authenticates.
+#[test]
+fn a_missing_bucket_is_5xx_and_authenticated_answers_are_private() {
+    let tmp = tempfile::tempdir().unwrap();
+    let top = build("", "gw-nobucket");
+    for s3 in S3::all() {
+        let bucket = s3.new_bucket("present");
+        push(&s3, &bucket, None, &top);
+        let narinfo = format!("/{}.narinfo", hash_of(&top));
+        let missing = format!("/{}.narinfo", "0".repeat(32));
+        let nar = format!("/nar/{}.nar", "1".repeat(52));
+
+        // The twin that works: the same requests against the existing bucket.
+        let gw = gateway(&s3, &bucket, &[]);
+        assert_eq!(get(gw.addr, "/healthz").status, 200, "{}", s3.name);
+        assert_eq!(get(gw.addr, &narinfo).status, 200, "{}", s3.name);
+        assert_eq!(get(gw.addr, &missing).status, 404, "{}", s3.name);
+        assert_eq!(
+            request(gw.addr, "HEAD", &nar, &[]).status,
+            404,
+            "{}",
+            s3.name
+        );
+        let r = get(gw.addr, &narinfo);
+        assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+
+        let gone = gateway(&s3, &unique("no-such-bucket"), &[]);
+        for (path, head) in [
+            ("/healthz", false),
+            (narinfo.as_str(), false),
+            (missing.as_str(), false),
+            ("/nix-cache-info", false),
+            (nar.as_str(), true),
+        ] {
+            let r = request(gone.addr, if head { "HEAD" } else { "GET" }, path, &[]);
+            assert!(
+                (500..600).contains(&r.status),
+                "{}: {path} with no bucket: {r:?}\n{}",
+                s3.name,
+                gone.log_text()
+            );
+        }
+        assert!(
+            gone.log_text().contains("does not exist"),
+            "{}: {}",
+            s3.name,
+            gone.log_text()
+        );
+    }
+
+    // M4: private behind auth, public only on request.
+    let s3 = S3::seaweedfs();
+    let bucket = s3.new_bucket("private");
+    push(&s3, &bucket, None, &top);
+    let pw = htpasswd(tmp.path(), "alice", "correct-horse");
+    let pw = pw.to_str().unwrap();
+    let auth = [(
+        "Authorization",
+        "Basic YWxpY2U6Y29ycmVjdC1ob3JzZQ==", // alice:correct-horse
+    )];
+    let narinfo = format!("/{}.narinfo", hash_of(&top));
+    let gw = gateway(&s3, &bucket, &["--htpasswd", pw, "--nar-delivery", "proxy"]);
+    let r = request(gw.addr, "GET", &narinfo, &auth);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("private, max-age=60"));
+    assert_eq!(r.header("vary"), Some("authorization"));
+    let nar_url = r
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let r = request(gw.addr, "GET", &format!("/{nar_url}"), &auth);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("cache-control"),
+        Some("private, max-age=31536000, immutable")
+    );
+    let r = request(gw.addr, "GET", "/nix-cache-info", &auth);
+    assert_eq!(r.header("cache-control"), Some("private, max-age=3600"));
+    let gw = gateway(
+        &s3,
+        &bucket,
+        &["--htpasswd", pw, "--cache-control", "public"],
+    );
+    let r = request(gw.addr, "GET", &narinfo, &auth);
+    assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
+    assert_eq!(r.header("vary"), None);
 }

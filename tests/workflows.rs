@@ -418,7 +418,9 @@ fn github_actions_get_groups_and_annotations_on_stderr_never_the_key_and_a_clean
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr_of(&o).lines().any(|l| l.starts_with("::error::secret key file")),
+        stderr_of(&o)
+            .lines()
+            .any(|l| l.starts_with("::error::secret key file")),
         "{}",
         stderr_of(&o)
     );

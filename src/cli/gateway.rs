@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use cachepush::format::PublicKey;
-use cachepush::gateway::{self, Delivery, GatewayConfig, Listen, auth::Auth, sign::Countersigner};
-use cachepush::storage::{S3Bucket, Storage};
+use cachepush::gateway::{
+    self, CacheControl, Delivery, GatewayConfig, Listen, auth::Auth, sign::Countersigner,
+};
+use cachepush::storage::{S3Bucket, StorageError};
 use cachepush::target::TargetUrl;
 use clap::Args;
 use serde::Deserialize;
@@ -93,6 +95,34 @@ pub struct GatewayArgs {
     /// Priority announced when the bucket has no nix-cache-info [default: 40].
     #[arg(long, value_name = "N", env = "CACHEPUSH_GATEWAY_PRIORITY")]
     priority: Option<u32>,
+    /// Seconds a client has to start its first request and to send a request head
+    /// [default: 10].
+    #[arg(long, value_name = "SECS", env = "CACHEPUSH_GATEWAY_HEADER_TIMEOUT")]
+    header_timeout: Option<u64>,
+    /// Seconds a connection with no request in flight stays open [default: 60].
+    #[arg(long, value_name = "SECS", env = "CACHEPUSH_GATEWAY_IDLE_TIMEOUT")]
+    idle_timeout: Option<u64>,
+    /// Seconds a response may make no progress (a client that stops reading) before its
+    /// connection is closed [default: 120].
+    #[arg(long, value_name = "SECS", env = "CACHEPUSH_GATEWAY_SEND_TIMEOUT")]
+    send_timeout: Option<u64>,
+    /// Connections open at once; more are closed when accepted [default: 4096, lowered to
+    /// fit the open-file limit].
+    #[arg(long, value_name = "N", env = "CACHEPUSH_GATEWAY_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Failed logins a client address may cause per minute before it gets 429 (0: no
+    /// per-address limit) [default: 30].
+    #[arg(
+        long,
+        value_name = "N",
+        env = "CACHEPUSH_GATEWAY_AUTH_FAILURES_PER_MINUTE"
+    )]
+    auth_failures_per_minute: Option<u32>,
+    /// `auto`: `Cache-Control: private` and `Vary: Authorization` when auth is on, so no
+    /// shared cache serves private content; `public`: only when a CDN in front
+    /// authenticates every client [default: auto].
+    #[arg(long, value_name = "MODE", env = "CACHEPUSH_GATEWAY_CACHE_CONTROL")]
+    cache_control: Option<String>,
     /// No access log lines (errors are still logged).
     #[arg(short, long)]
     quiet: bool,
@@ -120,6 +150,12 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     store_dir: Option<String>,
     priority: Option<u32>,
+    header_timeout: Option<u64>,
+    idle_timeout: Option<u64>,
+    send_timeout: Option<u64>,
+    max_connections: Option<usize>,
+    auth_failures_per_minute: Option<u32>,
+    cache_control: Option<String>,
     quiet: Option<bool>,
     endpoint: Option<String>,
     region: Option<String>,
@@ -243,6 +279,27 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
             "--presign-ttl must be between 1 second and 7 days (S3's limit)",
         ));
     }
+    let cache_control = pick(a.cache_control.clone(), file.cache_control.clone())
+        .unwrap_or_else(|| "auto".into())
+        .parse::<CacheControl>()
+        .map_err(Failure::input)?;
+    // Every connection is a file descriptor, and so is every bucket connection: keep room
+    // for the latter below the open-file limit.
+    let open_files = gateway::raise_open_file_limit();
+    let wanted = pick(a.max_connections, file.max_connections).unwrap_or(4096);
+    if wanted == 0 {
+        return Err(Failure::input("--max-connections must be at least 1"));
+    }
+    let max_connections = match open_files {
+        Some(n) if (wanted as u64).saturating_add(256) > n => {
+            let fit = n.saturating_sub(256).max(16) as usize;
+            eprintln!(
+                "warning: the open-file limit is {n}: serving at most {fit} connections instead of {wanted} (raise LimitNOFILE / ulimit -n)"
+            );
+            fit
+        }
+        _ => wanted,
+    };
     let cfg = GatewayConfig {
         listen,
         delivery,
@@ -257,8 +314,23 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         store_dir: pick(a.store_dir.clone(), file.store_dir.clone())
             .unwrap_or_else(|| "/nix/store".into()),
         priority: pick(a.priority, file.priority).unwrap_or(40),
-        header_timeout: Duration::from_secs(10),
+        header_timeout: secs(a.header_timeout, file.header_timeout, 10),
+        idle_timeout: secs(a.idle_timeout, file.idle_timeout, 60),
+        send_timeout: secs(a.send_timeout, file.send_timeout, 120),
+        max_connections,
+        auth_failures_per_minute: pick(a.auth_failures_per_minute, file.auth_failures_per_minute)
+            .unwrap_or(30),
+        cache_control,
     };
+    for (name, d) in [
+        ("--header-timeout", cfg.header_timeout),
+        ("--idle-timeout", cfg.idle_timeout),
+        ("--send-timeout", cfg.send_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(Failure::input(format!("{name} must be at least 1 second")));
+        }
+    }
     if cfg.auth.is_none() {
         eprintln!(
             "warning: no --htpasswd or --tokens: anyone who can reach the gateway can read the cache"
@@ -272,9 +344,17 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         let bucket = S3Bucket::connect(s3cfg)
             .await
             .map_err(|e| Failure::target(e.to_string()))?;
-        // Serve even when the bucket is down now (it may come back); say so loudly.
-        if let Err(e) = bucket.head("nix-cache-info").await {
-            eprintln!("warning: the bucket is not reachable now ({e}); serving anyway, /healthz reports it");
+        // Serve even when the bucket is down or missing now (it may come back); say so
+        // loudly. A key that may not list the bucket gets 403 for every missing object,
+        // so misses would be 502s: name the permission.
+        match bucket.check_bucket().await {
+            Ok(()) => {}
+            Err(StorageError::Denied { message, .. }) => eprintln!(
+                "warning: the bucket refused HeadBucket ({message}): the gateway's key needs s3:ListBucket as well as s3:GetObject, or every missing narinfo is answered 502"
+            ),
+            Err(e) => eprintln!(
+                "warning: the bucket is not usable now ({e}); serving anyway, with 5xx answers and /healthz reporting it until it is"
+            ),
         }
         gateway::serve(cfg, bucket, interrupted())
             .await

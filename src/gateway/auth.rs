@@ -24,6 +24,14 @@ const MAX_CREDENTIAL_LEN: usize = 4096;
 const VERIFIED_TTL: Duration = Duration::from_secs(600);
 /// Bound on remembered credentials (each is 32 bytes and an instant).
 const VERIFIED_MAX: usize = 10_000;
+/// Highest bcrypt cost accepted in an htpasswd file: each step doubles the CPU time of a
+/// check (cost 14 is about a second per login on one core), and a file with a huge cost
+/// would let anyone keep the gateway busy with wrong passwords.
+pub const MAX_BCRYPT_COST: u32 = 14;
+
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    hash.get(4..6)?.parse().ok()
+}
 
 #[derive(Debug, Error)]
 pub enum AuthFileError {
@@ -96,6 +104,14 @@ pub fn parse_htpasswd(file: &str, text: &str) -> Result<HashMap<String, String>,
                 "only bcrypt entries are supported; create them with `htpasswd -nB USER`",
             ));
         }
+        match bcrypt_cost(hash) {
+            Some(c) if (4..=MAX_BCRYPT_COST).contains(&c) => {}
+            _ => {
+                return Err(bad(
+                    "bcrypt cost must be 4 to 14 (each step doubles the time of every login check); re-create the entry with `htpasswd -nB -C 10 USER`",
+                ));
+            }
+        }
         if users.insert(user.to_owned(), hash.to_owned()).is_some() {
             return Err(bad("user listed twice"));
         }
@@ -143,12 +159,12 @@ impl Auth {
     }
 
     pub fn new(users: HashMap<String, String>, tokens: Vec<[u8; 32]>) -> Self {
-        // Same cost as the real entries so that timing does not tell users apart.
+        // The highest cost among the real entries, so that an unknown user takes at least
+        // as long as any known one and timing does not tell them apart.
         let cost = users
             .values()
-            .next()
-            .and_then(|h| h.get(4..6))
-            .and_then(|c| c.parse().ok())
+            .filter_map(|h| bcrypt_cost(h))
+            .max()
             .unwrap_or(bcrypt::DEFAULT_COST);
         let dummy = bcrypt::hash("cachepush-dummy", cost)
             .unwrap_or_else(|_| "$2b$04$".to_owned() + &"a".repeat(53));
@@ -247,7 +263,9 @@ impl Auth {
         }
         let user = String::from_utf8_lossy(user);
         let ok = match self.users.get(user.as_ref()) {
-            Some(hash) => bcrypt::verify(pass, hash).unwrap_or(false),
+            // bcrypt reads only 72 bytes of a password: a longer one is refused rather than
+            // accepted on its prefix.
+            Some(hash) => bcrypt::non_truncating_verify(pass, hash).unwrap_or(false),
             None => {
                 let _ = bcrypt::verify(pass, &self.dummy);
                 false
@@ -301,5 +319,28 @@ mod tests {
         let e = parse_tokens("tk", "short\n").unwrap_err();
         assert!(e.to_string().starts_with("tk:1: a token must be"), "{e}");
         assert!(parse_tokens("tk", "# only a comment\n").is_err());
+        // Cost: 15 and above refused, naming what to run; 4..=14 accepted.
+        // (A cost-4 hash relabelled: parsing reads the label, and hashing at 15 is slow.)
+        let costly = bcrypt::hash("x", 4).unwrap().replacen("$04$", "$15$", 1);
+        let e = parse_htpasswd("pw", &format!("alice:{costly}\n")).unwrap_err();
+        assert!(e.to_string().contains("htpasswd -nB -C 10"), "{e}");
+        let ok = bcrypt::hash("x", 4).unwrap();
+        assert!(parse_htpasswd("pw", &format!("alice:{ok}\n")).is_ok());
+    }
+
+    #[test]
+    fn passwords_past_72_bytes_are_not_checked_on_their_prefix() {
+        let long = "p".repeat(80);
+        let hash = bcrypt::hash(&long, 4).unwrap();
+        let users = parse_htpasswd("f", &format!("alice:{hash}\n")).unwrap();
+        let a = Auth::new(users, vec![]);
+        let prefix_twin = format!("{}{}", &long[..72], "q".repeat(8));
+        assert!(!a.check(Some(&basic("alice", &prefix_twin))));
+        let short = bcrypt::hash("s3cret", 4).unwrap();
+        let a = Auth::new(
+            parse_htpasswd("f", &format!("alice:{short}\n")).unwrap(),
+            vec![],
+        );
+        assert!(a.check(Some(&basic("alice", "s3cret"))));
     }
 }

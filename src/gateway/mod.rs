@@ -16,15 +16,17 @@
 
 pub mod auth;
 pub mod cache;
+pub mod limit;
 pub mod metrics;
 pub mod route;
 pub mod sign;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,11 +41,17 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::storage::{S3Bucket, Storage, StorageError, StreamOutcome, content_type};
 use auth::Auth;
 use cache::{Cached, SmallCache};
+use limit::{NotChecked, PasswordChecks};
 use metrics::Metrics;
 use route::{Reject, Route};
 use sign::{Countersigned, Countersigner};
 
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// How long a bucket check answers for `/healthz` and for 404s that a HEAD cannot explain.
+const HEALTH_TTL: Duration = Duration::from_secs(2);
+/// Largest narinfo or `nix-cache-info` read into memory; real ones are a few KiB.
+const MAX_SMALL_OBJECT: u64 = 1024 * 1024;
 
 /// Where to accept connections.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,8 +122,42 @@ pub struct GatewayConfig {
     /// For the `nix-cache-info` served when the bucket has none.
     pub store_dir: String,
     pub priority: u32,
-    /// Longest time a client may take to send its request head.
+    /// Longest time a client may take to send its request head, and to start its first
+    /// request after connecting (for HTTP/1 and HTTP/2 alike).
     pub header_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// A connection with a response in flight that makes no progress (a client that stops
+    /// reading a proxied NAR) is closed after this long.
+    pub send_timeout: Duration,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Failed password checks a peer may cause per minute (0: no per-peer limit).
+    pub auth_failures_per_minute: u32,
+    pub cache_control: CacheControl,
+}
+
+/// Whether shared caches (CDNs, proxies) may store responses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheControl {
+    /// `public` without authentication; `private` plus `Vary: Authorization` with it, so a
+    /// shared cache never hands one client's authenticated answer to another.
+    Auto,
+    /// Always `public`: for deployments where the CDN itself authenticates every client.
+    Public,
+}
+
+impl std::str::FromStr for CacheControl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(CacheControl::Auto),
+            "public" => Ok(CacheControl::Public),
+            _ => Err(format!(
+                "unknown --cache-control {s:?} (use auto, or public when a CDN in front authenticates every client)"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -132,6 +174,10 @@ pub enum GatewayError {
 struct State {
     bucket: S3Bucket,
     auth: Option<Arc<Auth>>,
+    checks: PasswordChecks,
+    /// The last bucket check and when it ran: `/healthz` asks the bucket at most once per
+    /// [`HEALTH_TTL`], however often it is called (it needs no credentials).
+    health: tokio::sync::Mutex<Option<(Instant, Result<(), Refusal>)>>,
     cfg: GatewayConfig,
     cache: SmallCache,
     metrics: Metrics,
@@ -184,7 +230,7 @@ fn storage_status(e: &StorageError) -> (StatusCode, &'static str) {
 }
 
 /// A failed answer: the status and the generic body text (details go to the log).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Refusal(StatusCode, &'static str);
 
 impl From<Refusal> for Response<Body> {
@@ -214,7 +260,7 @@ impl State {
             Cached::Unknown => self.metrics.cache(false),
         }
         let started = Instant::now();
-        let got = self.bucket.get(key).await;
+        let got = self.bucket.get_limited(key, Some(MAX_SMALL_OBJECT)).await;
         self.metrics.upstream(started.elapsed());
         let got = got.map_err(|e| self.storage_failure(route, &e))?;
         let got = match (got, route) {
@@ -250,7 +296,11 @@ impl State {
         }
     }
 
-    async fn handle(&self, req: &Request<Incoming>) -> (Response<Body>, &'static str) {
+    async fn handle(
+        &self,
+        req: &Request<Incoming>,
+        peer: Option<IpAddr>,
+    ) -> (Response<Body>, &'static str) {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
             r.headers_mut()
@@ -269,13 +319,9 @@ impl State {
             Err(Reject::NotFound) => return (plain(StatusCode::NOT_FOUND, "not found\n"), "other"),
         };
         let label = route.label();
-        if !matches!(route, Route::Healthz | Route::Metrics) && !self.authorized(req).await {
-            self.metrics.auth_failure();
-            let mut r = plain(StatusCode::UNAUTHORIZED, "authentication required\n");
-            let realm = self.auth.as_ref().map_or("cachepush", |a| a.realm.as_str());
-            if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\"")) {
-                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-            }
+        if !matches!(route, Route::Healthz | Route::Metrics)
+            && let Err(r) = self.authorize(req, peer).await
+        {
             return (r, label);
         }
         let head = req.method() == Method::HEAD;
@@ -314,35 +360,132 @@ impl State {
         (resp, label)
     }
 
-    async fn authorized(&self, req: &Request<Incoming>) -> bool {
+    /// Lets the request through, or answers it: 401 for missing or wrong credentials; 503
+    /// or 429 when the credential could not be checked now (never 401, which Nix would
+    /// read as "absent" and remember).
+    async fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        peer: Option<IpAddr>,
+    ) -> Result<(), Response<Body>> {
         let Some(auth) = &self.auth else {
-            return true;
+            return Ok(());
         };
         let h = req
             .headers()
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        if let Some(answer) = auth.check_cached(h) {
+        let ok = match auth.check_cached(h) {
+            Some(answer) => answer,
+            None => {
+                let mut slot = match self.checks.acquire(peer).await {
+                    Ok(s) => s,
+                    Err(why) => return Err(self.not_checked(why)),
+                };
+                // bcrypt takes milliseconds: keep it off the async workers, and keep the
+                // CPU slot until it has finished even if the client hangs up.
+                let permit = slot.take_permit();
+                let h = h.map(<[u8]>::to_vec);
+                let auth = auth.clone();
+                let ok = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    auth.check(h.as_deref())
+                })
+                .await
+                .unwrap_or(false);
+                slot.finish(ok);
+                ok
+            }
+        };
+        if ok {
+            return Ok(());
+        }
+        self.metrics.auth_failure();
+        let mut r = plain(StatusCode::UNAUTHORIZED, "authentication required\n");
+        if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", auth.realm)) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        Err(r)
+    }
+
+    fn not_checked(&self, why: NotChecked) -> Response<Body> {
+        let (status, text, wait) = match why {
+            NotChecked::Busy => {
+                self.metrics.auth_busy();
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many password checks at once; try again\n",
+                    Duration::from_secs(1),
+                )
+            }
+            NotChecked::Limited { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed logins from this address; try again later\n",
+                retry_after,
+            ),
+        };
+        let mut r = plain(status, text);
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs().max(1)),
+        );
+        r
+    }
+
+    /// Sets `Cache-Control` for a response that may be stored for `directives` (e.g.
+    /// `max-age=60`): `public` only where no credentials were needed to get it, or where
+    /// the operator said a CDN in front authenticates (security review M4).
+    fn cacheable(&self, r: &mut Response<Body>, directives: &str) {
+        let public = self.auth.is_none() || self.cfg.cache_control == CacheControl::Public;
+        let value = format!(
+            "{}, {directives}",
+            if public { "public" } else { "private" }
+        );
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            r.headers_mut().insert(header::CACHE_CONTROL, v);
+        }
+        if !public {
+            r.headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("authorization"));
+        }
+    }
+
+    /// Whether the bucket exists and answers, asked at most once per [`HEALTH_TTL`] (one
+    /// caller asks, the others wait for its answer).
+    async fn bucket_health(&self) -> Result<(), Refusal> {
+        let mut last = self.health.lock().await;
+        if let Some((at, answer)) = *last
+            && at.elapsed() < HEALTH_TTL
+        {
             return answer;
         }
-        // bcrypt takes milliseconds: keep it off the async workers.
-        let h = h.map(<[u8]>::to_vec);
-        let auth = auth.clone();
-        tokio::task::spawn_blocking(move || auth.check(h.as_deref()))
-            .await
-            .unwrap_or(false)
+        let started = Instant::now();
+        let res = self.bucket.check_bucket().await;
+        self.metrics.upstream(started.elapsed());
+        let answer = match res {
+            Ok(()) => Ok(()),
+            // A server without HeadBucket: an object HEAD at least proves it answers.
+            Err(StorageError::Remote { ref message, .. })
+                if message.contains("HTTP 501") || message.contains("NotImplemented") =>
+            {
+                match self.bucket.head("nix-cache-info").await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(self.storage_failure(&Route::Healthz, &e)),
+                }
+            }
+            Err(e) => Err(self.storage_failure(&Route::Healthz, &e)),
+        };
+        *last = Some((Instant::now(), answer));
+        answer
     }
 
     async fn healthz(&self) -> Response<Body> {
-        match self.bucket.head("nix-cache-info").await {
-            Ok(_) => plain(StatusCode::OK, "ok\n"),
-            Err(e) => {
-                log(&format!("error: healthz: {e}"));
-                plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the cache storage is unavailable\n",
-                )
-            }
+        match self.bucket_health().await {
+            Ok(()) => plain(StatusCode::OK, "ok\n"),
+            Err(_) => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the cache storage is unavailable\n",
+            ),
         }
     }
 
@@ -361,10 +504,7 @@ impl State {
             header::CONTENT_TYPE,
             HeaderValue::from_static(content_type::CACHE_INFO),
         );
-        r.headers_mut().insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("public, max-age=3600"),
-        );
+        self.cacheable(&mut r, "max-age=3600");
         r
     }
 
@@ -377,18 +517,12 @@ impl State {
                     header::CONTENT_TYPE,
                     HeaderValue::from_static(content_type::NARINFO),
                 );
-                r.headers_mut().insert(
-                    header::CACHE_CONTROL,
-                    HeaderValue::from_static("public, max-age=60"),
-                );
+                self.cacheable(&mut r, "max-age=60");
                 r
             }
             Ok(None) => {
                 let mut r = plain(StatusCode::NOT_FOUND, "not found\n");
-                r.headers_mut().insert(
-                    header::CACHE_CONTROL,
-                    HeaderValue::from_static("public, max-age=60"),
-                );
+                self.cacheable(&mut r, "max-age=60");
                 r
             }
             Err(r) => r.into(),
@@ -413,7 +547,11 @@ impl State {
                     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
                     r
                 }
-                Ok(None) => plain(StatusCode::NOT_FOUND, "not found\n"),
+                // A HEAD's 404 has no error code: absent object or absent bucket?
+                Ok(None) => match self.bucket_health().await {
+                    Ok(()) => plain(StatusCode::NOT_FOUND, "not found\n"),
+                    Err(r) => r.into(),
+                },
                 Err(e) => self.storage_failure(route, &e).into(),
             };
         }
@@ -473,10 +611,6 @@ impl State {
             _ => content_type::LOG,
         };
         builder = builder.header(header::CONTENT_TYPE, ct);
-        if matches!(route, Route::Nar(_)) {
-            // NARs are named by their hash: the bytes under a name never change.
-            builder = builder.header(header::CACHE_CONTROL, "public, max-age=31536000, immutable");
-        }
         if let Some(n) = obj.length {
             builder = builder.header(header::CONTENT_LENGTH, n);
         }
@@ -492,9 +626,14 @@ impl State {
             let stream = obj.into_stream().map_ok(Frame::data);
             StreamBody::new(stream).boxed_unsync()
         };
-        builder
+        let mut r = builder
             .body(body)
-            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"))
+            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"));
+        if matches!(route, Route::Nar(_)) && r.status().is_success() {
+            // NARs are named by their hash: the bytes under a name never change.
+            self.cacheable(&mut r, "max-age=31536000, immutable");
+        }
+        r
     }
 }
 
@@ -515,13 +654,97 @@ fn valid_range(r: &str) -> bool {
     }
 }
 
+/// Who is on the other end of a connection: the text for the access log, and the address
+/// that per-peer limits count (none for unix sockets).
+#[derive(Clone)]
+struct Peer {
+    label: Arc<str>,
+    ip: Option<IpAddr>,
+}
+
+/// What one connection is doing, for the watchdog that closes idle and stalled ones.
+///
+/// hyper bounds the time to read an HTTP/1 request head, but not the time before the
+/// protocol is known (a client that connects and sends nothing, or only the HTTP/2
+/// preface), nor an idle HTTP/2 connection, nor a client that stops reading a response:
+/// each of those would hold a socket and a task for ever (security review M1).
+struct Activity {
+    opened: Instant,
+    /// Milliseconds after `opened` of the last sign of progress.
+    last: AtomicU64,
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            last: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(last)
+    }
+
+    /// Resolves when the connection has been quiet longer than its current limit: the
+    /// header timeout before the first request, the send timeout while a response is in
+    /// flight, the idle timeout between requests.
+    async fn expired(&self, cfg: &GatewayConfig) {
+        loop {
+            let limit = if self.in_flight.load(Ordering::Relaxed) > 0 {
+                cfg.send_timeout
+            } else if self.requests.load(Ordering::Relaxed) == 0 {
+                cfg.header_timeout
+            } else {
+                cfg.idle_timeout
+            };
+            let quiet = self.quiet_for();
+            if quiet >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - quiet).await;
+        }
+    }
+}
+
+/// Counts a response as in flight until its body is dropped (sent, or the client gone).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(a: &Arc<Activity>) -> Self {
+        a.requests.fetch_add(1, Ordering::Relaxed);
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        a.touch();
+        InFlight(a.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
 async fn serve_request(
     state: Arc<State>,
     req: Request<Incoming>,
-    peer: Arc<str>,
+    peer: Peer,
+    activity: Arc<Activity>,
 ) -> Result<Response<Body>, Infallible> {
+    let guard = InFlight::start(&activity);
     let started = Instant::now();
-    let (mut resp, label) = state.handle(&req).await;
+    let (mut resp, label) = state.handle(&req, peer.ip).await;
     if req.method() == Method::HEAD {
         // Same headers as GET, no body. HTTP/1 drops a HEAD body by itself; HTTP/2 would
         // send it as DATA frames, which clients treat as a protocol error.
@@ -549,18 +772,93 @@ async fn serve_request(
     if state.cfg.access_log {
         // The path only: never a query string, and never the presigned Location.
         log(&format!(
-            "{peer} {} {} {status} {len} {:.1}ms",
+            "{} {} {} {status} {len} {:.1}ms",
+            peer.label,
             req.method(),
             req.uri().path().chars().take(200).collect::<String>(),
             started.elapsed().as_secs_f64() * 1000.0
         ));
     }
-    Ok(resp)
+    // Every frame the client takes is progress; the guard goes with the body.
+    Ok(resp.map(|body| Tracked { inner: body, guard }.boxed_unsync()))
+}
+
+/// A response body that reports each frame taken as progress of its connection and counts
+/// as in flight until dropped. Size hints pass through, so `Content-Length` is kept.
+struct Tracked {
+    inner: Body,
+    guard: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_ready() {
+            self.guard.0.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 enum Conn {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection is a file
+/// descriptor, and the usual soft limit of 1024 would make a thousand idle sockets lock
+/// everyone out (and the gateway's own bucket connections with them). Returns the limit
+/// now in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    // rlim_t is u64 on Linux but not on every Unix.
+    #[allow(clippy::unnecessary_cast)]
+    Some(lim.rlim_cur as u64)
+}
+
+/// A TCP listener with a backlog of 4096 (std's 128 drops SYNs under a burst of
+/// connections, and each dropped SYN costs the client a one-second retransmit).
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
 }
 
 /// Binds every listener, then serves until `shutdown` resolves, then lets requests in
@@ -571,27 +869,28 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
     let public_key = cfg.signer.as_ref().map(|k| k.public().to_string());
+    let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
     let state = Arc::new(State {
         bucket,
         auth: cfg.auth.take().map(Arc::new),
+        // A request waits up to 2 s for a password check slot, then gets a 503.
+        checks: PasswordChecks::new(slots, Duration::from_secs(2), cfg.auth_failures_per_minute),
+        health: tokio::sync::Mutex::new(None),
         cache: SmallCache::new(cfg.cache_entries, cfg.narinfo_ttl, cfg.negative_ttl),
         metrics: Metrics::default(),
         public_key,
         cfg,
     });
 
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Conn, Arc<str>)>(64);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Conn, Peer)>(64);
     let mut acceptors = tokio::task::JoinSet::new();
     for l in &state.cfg.listen {
         match l {
             Listen::Tcp(addr) => {
-                let listener =
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| GatewayError::Listen {
-                            addr: l.to_string(),
-                            source,
-                        })?;
+                let listener = bind_tcp(*addr).map_err(|source| GatewayError::Listen {
+                    addr: l.to_string(),
+                    source,
+                })?;
                 // Port 0 asks for any free port: say which one we got.
                 let bound = listener
                     .local_addr()
@@ -610,11 +909,11 @@ pub async fn serve(
                         match listener.accept().await {
                             Ok((s, peer)) => {
                                 let _ = s.set_nodelay(true);
-                                if tx
-                                    .send((Conn::Tcp(s), peer.to_string().into()))
-                                    .await
-                                    .is_err()
-                                {
+                                let peer = Peer {
+                                    label: peer.to_string().into(),
+                                    ip: Some(peer.ip()),
+                                };
+                                if tx.send((Conn::Tcp(s), peer)).await.is_err() {
                                     return;
                                 }
                             }
@@ -643,7 +942,11 @@ pub async fn serve(
                     loop {
                         match listener.accept().await {
                             Ok((s, _)) => {
-                                if tx.send((Conn::Unix(s), Arc::from("unix"))).await.is_err() {
+                                let peer = Peer {
+                                    label: Arc::from("unix"),
+                                    ip: None,
+                                };
+                                if tx.send((Conn::Unix(s), peer)).await.is_err() {
                                     return;
                                 }
                             }
@@ -664,10 +967,20 @@ pub async fn serve(
         // Bounds the request head: a bigger one is answered 431 without reaching us.
         .max_buf_size(16 * 1024)
         .max_headers(64);
-    builder.http2().max_header_list_size(16 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(16 * 1024)
+        // Nix opens a few streams per connection; hyper's default of 200 only multiplies
+        // what one unauthenticated connection can ask for.
+        .max_concurrent_streams(64)
+        // Pings find peers that vanished without closing (a dropped NAT entry).
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let tls = state.cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(state.cfg.max_connections));
     tokio::pin!(shutdown);
     loop {
         let (conn, peer) = tokio::select! {
@@ -677,34 +990,52 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        // Over the limit: close at once. Holding the socket would cost the descriptor
+        // the limit is there to protect.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            state.metrics.connection_refused();
+            drop(conn);
+            continue;
+        };
         let state = state.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let svc_peer = peer.clone();
+            let _permit = permit;
+            let activity = Arc::new(Activity::new());
+            let svc_activity = activity.clone();
+            let svc_state = state.clone();
             let svc = hyper::service::service_fn(move |req| {
-                serve_request(state.clone(), req, svc_peer.clone())
+                serve_request(svc_state.clone(), req, peer.clone(), svc_activity.clone())
             });
-            let _ = match (conn, tls) {
-                (Conn::Tcp(s), Some(acceptor)) => {
-                    let Ok(Ok(s)) =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(s)).await
-                    else {
-                        return;
-                    };
-                    let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
-                    watcher.watch(c).await
-                }
-                (Conn::Tcp(s), None) => {
-                    let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
-                    watcher.watch(c).await
-                }
-                (Conn::Unix(s), _) => {
-                    let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
-                    watcher.watch(c).await
+            let served = async {
+                match (conn, tls) {
+                    (Conn::Tcp(s), Some(acceptor)) => {
+                        let Ok(Ok(s)) =
+                            tokio::time::timeout(state.cfg.header_timeout, acceptor.accept(s))
+                                .await
+                        else {
+                            return;
+                        };
+                        let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
+                        let _ = watcher.watch(c).await;
+                    }
+                    (Conn::Tcp(s), None) => {
+                        let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
+                        let _ = watcher.watch(c).await;
+                    }
+                    (Conn::Unix(s), _) => {
+                        let c = builder.serve_connection(TokioIo::new(s), svc).into_owned();
+                        let _ = watcher.watch(c).await;
+                    }
                 }
             };
+            // Dropping the connection closes its socket.
+            tokio::select! {
+                _ = served => {}
+                _ = activity.expired(&state.cfg) => {}
+            }
         });
     }
     acceptors.abort_all();

@@ -251,6 +251,82 @@ impl S3Bucket {
         }
     }
 
+    /// Reads a whole object into memory, refusing (before reading) one larger than
+    /// `limit` bytes: for narinfos, whose real size is a few KiB, so that a huge object
+    /// under that name cannot take the gateway's memory.
+    pub async fn get_limited(
+        &self,
+        key: &str,
+        limit: Option<u64>,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let i = &self.inner;
+        let obj = i.object_key(key);
+        let mut attempt = 0;
+        loop {
+            let res = i
+                .retry("GET", key, || {
+                    i.counts.get.fetch_add(1, Ordering::Relaxed);
+                    i.client.get_object().bucket(&i.cfg.bucket).key(&obj).send()
+                })
+                .await?;
+            let out = match res {
+                Ok(o) => o,
+                Err(c) if c.not_found => return Ok(None),
+                Err(c) => return Err(to_error("GET", key, c)),
+            };
+            if let (Some(limit), Some(len)) = (limit, out.content_length())
+                && len.max(0) as u64 > limit
+            {
+                return Err(StorageError::Remote {
+                    op: "GET",
+                    key: key.to_owned(),
+                    message: format!("the object is {len} bytes, more than the {limit} expected"),
+                    transient: false,
+                });
+            }
+            // A body cut short is retried like any other transient failure.
+            match out.body.collect().await {
+                Ok(b) => return Ok(Some(b.into_bytes())),
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= i.cfg.max_attempts {
+                        return Err(StorageError::Remote {
+                            op: "GET",
+                            key: key.to_owned(),
+                            message: format!("body cut short: {e}"),
+                            transient: true,
+                        });
+                    }
+                    i.counts.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Whether the bucket itself exists and answers (`HeadBucket`). An object HEAD cannot
+    /// tell: its 404 carries no error code, so a missing bucket looks like a missing key.
+    pub async fn check_bucket(&self) -> Result<(), StorageError> {
+        let i = &self.inner;
+        let where_ = format!("s3://{}", i.cfg.bucket);
+        let res = i
+            .retry("HeadBucket", &where_, || {
+                i.counts.head.fetch_add(1, Ordering::Relaxed);
+                i.client.head_bucket().bucket(&i.cfg.bucket).send()
+            })
+            .await?;
+        match res {
+            Ok(_) => Ok(()),
+            Err(c) if c.not_found => Err(StorageError::Remote {
+                op: "HeadBucket",
+                key: where_,
+                message: "the bucket does not exist (check the bucket name in the URL, and the endpoint and region)".into(),
+                transient: false,
+            }),
+            Err(c) => Err(to_error("HeadBucket", &where_, c)),
+        }
+    }
+
     /// A URL that lets its holder GET `key` without credentials until it expires.
     pub async fn presign_get(&self, key: &str, expires: Duration) -> Result<String, StorageError> {
         let i = &self.inner;
@@ -314,7 +390,11 @@ struct Classified {
     message: String,
     transient: bool,
     denied: bool,
+    /// The object is absent: 404 with `NoSuchKey`, `NotFound` or no code (a HEAD has no
+    /// body). Any other 404 (`NoSuchBucket`, ...) is a fault, never "absent".
     not_found: bool,
+    /// 404 `NoSuchUpload`: the multipart upload is gone (completed or aborted already).
+    no_such_upload: bool,
     precondition: bool,
     /// No answer at all: the endpoint is unreachable or timed out.
     unreachable: bool,
@@ -333,6 +413,7 @@ where
         transient: false,
         denied: false,
         not_found: false,
+        no_such_upload: false,
         precondition: false,
         unreachable: false,
         timeout: false,
@@ -379,7 +460,10 @@ where
                         | "TooManyRequests"
                 );
             c.denied = status == 401 || status == 403;
-            c.not_found = status == 404;
+            // Only these mean "no such object". A missing bucket must not be served as a
+            // missing narinfo: Nix caches that for an hour and builds everything itself.
+            c.not_found = status == 404 && matches!(code, "" | "NoSuchKey" | "NotFound");
+            c.no_such_upload = status == 404 && code == "NoSuchUpload";
             c.precondition = status == 412;
             let msg = se.err().message().unwrap_or("");
             c.message = if code.is_empty() {
@@ -400,6 +484,10 @@ where
                     " (the server's clock and ours differ by {} minutes: the system clock is off; fix it with NTP)",
                     skew.as_secs() / 60
                 ));
+            }
+            if code == "NoSuchBucket" {
+                c.message
+                    .push_str(" (check the bucket name in the URL, and the endpoint and region)");
             }
             if code == "RequestTimeTooSkewed" {
                 c.message
@@ -477,7 +565,7 @@ impl Inner {
                 Ok(v) => return Ok(Ok(v)),
                 Err(e) => {
                     let c = classify(&e);
-                    if c.not_found || c.precondition || c.status == Some(416) {
+                    if c.not_found || c.no_such_upload || c.precondition || c.status == Some(416) {
                         return Ok(Err(c));
                     }
                     attempt += 1;
@@ -573,39 +661,7 @@ impl Storage for S3Bucket {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        let i = &self.inner;
-        let obj = i.object_key(key);
-        let mut attempt = 0;
-        loop {
-            let res = i
-                .retry("GET", key, || {
-                    i.counts.get.fetch_add(1, Ordering::Relaxed);
-                    i.client.get_object().bucket(&i.cfg.bucket).key(&obj).send()
-                })
-                .await?;
-            let out = match res {
-                Ok(o) => o,
-                Err(c) if c.not_found => return Ok(None),
-                Err(c) => return Err(to_error("GET", key, c)),
-            };
-            // A body cut short is retried like any other transient failure.
-            match out.body.collect().await {
-                Ok(b) => return Ok(Some(b.into_bytes())),
-                Err(e) => {
-                    attempt += 1;
-                    if attempt >= i.cfg.max_attempts {
-                        return Err(StorageError::Remote {
-                            op: "GET",
-                            key: key.to_owned(),
-                            message: format!("body cut short: {e}"),
-                            transient: true,
-                        });
-                    }
-                    i.counts.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-            }
-        }
+        self.get_limited(key, None).await
     }
 
     async fn put(&self, key: &str, ct: &'static str, body: Bytes) -> Result<(), StorageError> {
@@ -1032,7 +1088,7 @@ impl Multipart {
             Ok(_) => Ok(()),
             // A retried Complete whose first attempt succeeded (its answer was lost) finds
             // the upload gone: the object is there, and that is success.
-            Err(c) if c.not_found && self.bucket.head(&self.key).await?.is_some() => Ok(()),
+            Err(c) if c.no_such_upload && self.bucket.head(&self.key).await?.is_some() => Ok(()),
             Err(c) => Err(to_error("CompleteMultipartUpload", &self.key, c)),
         };
         if res.is_ok() {
@@ -1080,7 +1136,7 @@ async fn abort_upload(bucket: &S3Bucket, key: &str, upload_id: &str) {
         .await;
     // Forgotten only once the store confirmed, so that an abort cut short by Ctrl-C is
     // still found by `abort_open_uploads`.
-    if matches!(res, Ok(Ok(_))) || matches!(&res, Ok(Err(c)) if c.not_found) {
+    if matches!(res, Ok(Ok(_))) || matches!(&res, Ok(Err(c)) if c.not_found || c.no_such_upload) {
         if let Ok(mut open) = i.open.lock() {
             open.remove(upload_id);
         }
