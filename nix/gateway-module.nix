@@ -2,7 +2,10 @@
 #
 # Secrets never enter the Nix store: the bucket credentials (an AWS shared-credentials
 # file), the htpasswd file, the tokens file and the signing key are read by systemd with
-# LoadCredential and handed to a service that runs as a dynamic user.
+# LoadCredential and handed to a service that runs as a dynamic user. Their options are
+# strings ("/run/secrets/cache.sk"), never Nix paths: a path literal (./cache.sk) would be
+# copied into the world-readable store at evaluation time, and an assertion refuses any
+# value inside the store.
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.cachepush-gateway;
@@ -13,7 +16,13 @@ let
     ++ optionalFlag "--htpasswd" (if cfg.htpasswdFile != null then "%d/htpasswd" else null)
     ++ optionalFlag "--tokens" (if cfg.tokensFile != null then "%d/tokens" else null)
     ++ optionalFlag "--signing-key" (if cfg.signingKeyFile != null then "%d/signing-key" else null)
+    ++ lib.concatMap (k: [ "--require-signature-by" k ]) cfg.requireSignatureBy
+    ++ lib.optional cfg.signUnverified "--sign-unverified"
     ++ cfg.extraArgs;
+  secrets = {
+    inherit (cfg) credentialsFile htpasswdFile tokensFile signingKeyFile;
+  };
+  inStore = f: f != null && lib.hasPrefix builtins.storeDir (toString f);
   credential = name: file: lib.optional (file != null) "${name}:${file}";
 in
 {
@@ -46,7 +55,7 @@ in
     };
 
     credentialsFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr types.str;
       default = null;
       example = "/run/secrets/cachepush-aws-credentials";
       description = ''
@@ -57,21 +66,42 @@ in
     };
 
     htpasswdFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr types.str;
       default = null;
       description = "htpasswd file with bcrypt entries (htpasswd -B) for HTTP Basic auth.";
     };
 
     tokensFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr types.str;
       default = null;
       description = "File of bearer tokens, one per line.";
     };
 
     signingKeyFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr types.str;
       default = null;
-      description = "Secret key whose signature the gateway adds to every narinfo.";
+      example = "/run/secrets/gateway.sk";
+      description = ''
+        Secret key whose signature the gateway adds to narinfos that a
+        requireSignatureBy key signed (or to all, with signUnverified). A string, not a
+        path literal, so that the key never enters the Nix store.
+      '';
+    };
+
+    requireSignatureBy = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "ci.example.org-1:BASE64..." ];
+      description = "Public keys one of which must have validly signed a narinfo before the gateway signs it.";
+    };
+
+    signUnverified = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Sign every narinfo in the bucket, signed or not. Anyone who can write to the
+        bucket can then make clients install anything.
+      '';
     };
 
     extraArgs = mkOption {
@@ -82,6 +112,14 @@ in
   };
 
   config = mkIf cfg.enable {
+    assertions = lib.mapAttrsToList (name: f: {
+      assertion = !(inStore f);
+      message = "services.cachepush-gateway.${name} is in the Nix store, which every local user can read: give the path of a file outside it as a string, e.g. \"/run/secrets/${name}\".";
+    }) secrets ++ [{
+      assertion = cfg.signingKeyFile == null || cfg.requireSignatureBy != [ ] || cfg.signUnverified;
+      message = "services.cachepush-gateway.signingKeyFile needs requireSignatureBy (the keys whose signature the gateway countersigns) or signUnverified = true.";
+    }];
+
     systemd.services.cachepush-gateway = {
       description = "cachepush gateway";
       wantedBy = [ "multi-user.target" ];
@@ -100,6 +138,9 @@ in
         DynamicUser = true;
         RuntimeDirectory = "cachepush-gateway";
         Restart = "on-failure";
+        # Every client connection is a file descriptor (the gateway also raises its soft
+        # limit to this hard one, and caps connections below it).
+        LimitNOFILE = 65536;
         # Hardening: the gateway needs the network and nothing else.
         ProtectSystem = "strict";
         ProtectHome = true;

@@ -35,18 +35,29 @@ in
     };
 
     credentialsFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr types.str;
       default = null;
-      description = "AWS shared-credentials file with write access to the bucket.";
+      example = "/run/secrets/cachepush-aws-credentials";
+      description = "AWS shared-credentials file with write access to the bucket (a string outside the Nix store).";
     };
 
     signingKeyFile = mkOption {
-      type = types.path;
-      description = "The cache's secret signing key.";
+      type = types.str;
+      example = "/run/secrets/cache.sk";
+      description = ''
+        The cache's secret signing key: a string, not a path literal. A path literal
+        (./cache.sk) is copied into the world-readable Nix store, and from there the
+        uploader would publish it into the cache itself.
+      '';
     };
   };
 
   config = mkIf cfg.enable {
+    assertions = map (name: {
+      assertion = !(cfg.${name} != null && lib.hasPrefix builtins.storeDir (toString cfg.${name}));
+      message = "services.cachepush-upload.${name} is in the Nix store, which every local user can read (and which this service uploads): give the path of a file outside it as a string, e.g. \"/run/secrets/cache.sk\".";
+    }) [ "credentialsFile" "signingKeyFile" ];
+
     nix.settings.post-build-hook = hook;
 
     systemd.services.cachepush-upload = {
@@ -78,6 +89,7 @@ in
         NoNewPrivileges = true;
         Restart = "always";
         RestartSec = 5;
+        LimitNOFILE = 65536;
       };
     };
 

@@ -162,16 +162,23 @@ impl LocalStore {
         Ok(topological(all))
     }
 
-    /// Which of `candidates` are valid (registered, complete) store paths, in one call to
-    /// `nix-store --check-validity`. Paths still being built are not valid yet.
+    /// Which of `candidates` are valid (registered, complete) store paths, asking
+    /// `nix-store --check-validity` about 512 at a time (one command line for tens of
+    /// thousands would fail with E2BIG). Paths still being built are not valid yet.
     pub async fn valid_of(&self, candidates: &[StorePath]) -> Result<Vec<StorePath>, StoreError> {
-        if candidates.is_empty() {
-            return Ok(Vec::new());
+        let mut valid = Vec::with_capacity(candidates.len());
+        for batch in candidates.chunks(512) {
+            valid.extend(self.valid_of_batch(batch).await?);
         }
+        Ok(valid)
+    }
+
+    async fn valid_of_batch(&self, candidates: &[StorePath]) -> Result<Vec<StorePath>, StoreError> {
         let program = "nix-store";
         let out = Command::new(program)
             .args(["--check-validity", "--print-invalid"])
             .args(candidates.iter().map(|p| self.store_dir.display(p)))
+            .env_remove("CACHEPUSH_SIGNING_KEY")
             .stdin(std::process::Stdio::null())
             .output()
             .await
@@ -202,6 +209,8 @@ impl LocalStore {
         closure: bool,
     ) -> Result<Vec<PathInfo>, StoreError> {
         let mut cmd = Command::new(&self.nix);
+        // Nix needs no signing key; a process that has none cannot leak it.
+        cmd.env_remove("CACHEPUSH_SIGNING_KEY");
         cmd.args([
             "--extra-experimental-features",
             "nix-command",

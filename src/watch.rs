@@ -28,7 +28,16 @@ pub struct StoreScanner {
     seen: HashSet<OsString>,
     /// New entries not valid yet (a build in progress), asked about again next scan.
     pending: HashSet<StorePath>,
+    /// Valid paths whose push failed: offered again once `retry_at` has passed, with a
+    /// delay that doubles after each failed round (security review M5: a failed round
+    /// must not lose paths for good).
+    failed: HashSet<StorePath>,
+    failed_rounds: u32,
+    retry_at: Option<std::time::Instant>,
 }
+
+/// Longest wait between retries of failed paths.
+const MAX_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl StoreScanner {
     /// Remembers what is in the store now; only later additions are reported.
@@ -37,6 +46,9 @@ impl StoreScanner {
             dir,
             seen: HashSet::new(),
             pending: HashSet::new(),
+            failed: HashSet::new(),
+            failed_rounds: 0,
+            retry_at: None,
         };
         s.seen = s.list()?;
         Ok(s)
@@ -62,6 +74,13 @@ impl StoreScanner {
             }
         }
         self.seen = now;
+        if self
+            .retry_at
+            .is_some_and(|t| t <= std::time::Instant::now())
+        {
+            self.retry_at = None;
+            self.pending.extend(self.failed.drain());
+        }
         // Paths that vanished (garbage-collected, failed builds) stop being waited for.
         let dir = self.dir.clone();
         self.pending
@@ -78,6 +97,39 @@ impl StoreScanner {
 
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
+    }
+
+    /// Paths whose push failed (or whose round failed as a whole): offered again by
+    /// [`Self::candidates`] after 2 s, then 4 s, 8 s ... up to 5 minutes.
+    pub fn retry_later(&mut self, paths: impl IntoIterator<Item = StorePath>) {
+        self.failed.extend(paths);
+        if self.failed.is_empty() {
+            return;
+        }
+        self.failed_rounds = self.failed_rounds.saturating_add(1);
+        let delay =
+            std::time::Duration::from_secs(1u64 << self.failed_rounds.min(9)).min(MAX_RETRY_DELAY);
+        self.retry_at = Some(std::time::Instant::now() + delay);
+    }
+
+    /// A round published everything it was given: the next failure starts at 2 s again.
+    pub fn round_succeeded(&mut self) {
+        if self.failed.is_empty() {
+            self.failed_rounds = 0;
+        }
+    }
+
+    /// Offers failed paths at the next [`Self::candidates`] call, whatever the delay (a
+    /// last attempt before exiting).
+    pub fn retry_now(&mut self) {
+        if !self.failed.is_empty() {
+            self.retry_at = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Paths that failed and wait for a retry.
+    pub fn failed(&self) -> usize {
+        self.failed.len()
     }
 }
 
@@ -155,6 +207,29 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_paths_come_back_after_a_delay_or_on_request() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StoreDir::new(tmp.path().to_str().unwrap()).unwrap();
+        let mut scanner = StoreScanner::new(dir.clone()).unwrap();
+        let name = "h7jx3wrzn6m9vjl9604id854qx1xyqw6-hello";
+        std::fs::create_dir(tmp.path().join(name)).unwrap();
+        let found = scanner.candidates().unwrap();
+        assert_eq!(found.len(), 1);
+        // The push failed: not offered again at once, but not lost either.
+        scanner.retry_later(found.clone());
+        assert_eq!(scanner.failed(), 1);
+        assert!(scanner.candidates().unwrap().is_empty());
+        scanner.retry_now();
+        assert_eq!(scanner.candidates().unwrap(), found);
+        assert_eq!(scanner.failed(), 0);
+        // A failed path that was garbage-collected meanwhile is dropped.
+        scanner.retry_later(found);
+        std::fs::remove_dir(tmp.path().join(name)).unwrap();
+        scanner.retry_now();
+        assert!(scanner.candidates().unwrap().is_empty());
+    }
 
     #[test]
     fn queue_round_trip_in_order() {

@@ -572,3 +572,152 @@ fn the_plan_listing_answers_for_slow_heads_and_a_refused_listing_changes_nothing
     );
     assert_verified(&s3, &bucket, &pk, 151);
 }
+
+/// Narinfo PUTs refused for good (403) until `times` of them have been: a store path
+/// whose push fails permanently in its first rounds.
+fn narinfo_puts_refused(times: usize) -> Rule {
+    Rule {
+        method: "PUT",
+        target: ".narinfo",
+        times,
+        fault: Fault::Status(403, "AccessDenied", None),
+    }
+}
+
+fn narinfos_in(s3: &S3, bucket: &str) -> std::collections::BTreeSet<String> {
+    s3.keys(bucket, "")
+        .into_iter()
+        .filter_map(|k| k.strip_suffix(".narinfo").map(str::to_owned))
+        .collect()
+}
+
+fn hashes_of(paths: &[PathBuf]) -> std::collections::BTreeSet<String> {
+    paths
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap()[..32].to_owned())
+        .collect()
+}
+
+/// Security review M5: in scanner mode, a round whose pushes fail does not lose its paths.
+/// They are pushed again (with backoff) once the bucket accepts them.
+#[test]
+fn watch_store_retries_paths_whose_push_failed() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let bucket = s3.new_bucket("watchretry");
+    proxy.add(narinfo_puts_refused(usize::MAX));
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let watcher = c
+        .arg("watch-store")
+        .arg("--to")
+        .arg(s3.url(&bucket, ""))
+        .arg("--endpoint")
+        .arg(proxy.endpoint())
+        .arg("--signing-key")
+        .arg(&sk)
+        .arg("--queue")
+        .arg(tmp.path().join("queue"))
+        .args(["--interval", "0.3"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let top = build("", &unique("watch-retry"));
+    let want = hashes_of(&closure_of(&top));
+    // Rounds fail while the bucket refuses narinfos.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.injected() == 0 {
+        assert!(Instant::now() < deadline, "watch-store never tried to push");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(narinfos_in(&s3, &bucket).is_disjoint(&want));
+    proxy.clear();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !want.is_subset(&narinfos_in(&s3, &bucket)) {
+        assert!(
+            Instant::now() < deadline,
+            "watch-store did not push the failed paths again"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    run_ok(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(watcher.id().to_string()),
+    );
+    let out = watcher.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("will be pushed again"),
+        "{}",
+        stderr_of(&out)
+    );
+    let (code, report) = verify(&s3, &bucket, &pk);
+    assert_eq!(code, 0, "{report}");
+}
+
+/// Security review M5 and L4: `watch-exec` keeps watching after a failed round, pushes
+/// the failed paths again, and exits 0 once they are published; the command gets neither
+/// the signing key nor an orphan's fate, and SIGTERM to cachepush reaches it.
+#[test]
+fn watch_exec_retries_failed_paths_and_never_orphans_its_command() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let bucket = s3.new_bucket("execretry");
+    // Only the first narinfo PUT fails: its path and dependents fail in the first round.
+    proxy.add(narinfo_puts_refused(1));
+    let salt = unique("exec-retry");
+    let env_seen = tmp.path().join("env");
+    let script = format!(
+        "nix-build {} --no-out-link --argstr salt {salt} --option substituters '' >/dev/null && \
+         (env | grep -c CACHEPUSH_SIGNING_KEY || true) > {} && sleep 1",
+        fixture("closure.nix").display(),
+        env_seen.display()
+    );
+    let watch = |script: &str| {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        c.arg("watch-exec")
+            .arg("--to")
+            .arg(s3.url(&bucket, ""))
+            .arg("--endpoint")
+            .arg(proxy.endpoint())
+            .env(
+                "CACHEPUSH_SIGNING_KEY",
+                std::fs::read_to_string(&sk).unwrap(),
+            )
+            .args(["--interval", "0.3", "--", "sh", "-c", script]);
+        c
+    };
+    let o = watch(&script).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert!(proxy.injected() >= 1, "the fault never fired");
+    assert_eq!(std::fs::read_to_string(&env_seen).unwrap().trim(), "0");
+    let top = build("", &salt);
+    assert!(hashes_of(&closure_of(&top)).is_subset(&narinfos_in(&s3, &bucket)));
+    let (code, report) = verify(&s3, &bucket, &pk);
+    assert_eq!(code, 0, "{report}");
+
+    // SIGTERM to cachepush alone: the command is stopped too, not left running.
+    let marker = tmp.path().join("still-running");
+    let mut child = watch(&format!("sleep 5; touch {}", marker.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    run_ok(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string()),
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(!marker.exists(), "the command outlived watch-exec");
+}

@@ -577,6 +577,46 @@ fn the_flake_and_nixos_modules_parse_and_evaluate() {
             .unwrap()
             .ends_with("cachepush-post-build-hook")
     );
+    // M6: a secret inside the store is refused by name; the same settings with a path
+    // outside it pass. A signing key needs a countersigning policy.
+    let refused = |k: &str| -> Vec<String> {
+        v["refused"][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(
+        refused("gatewayGood").is_empty(),
+        "{:?}",
+        refused("gatewayGood")
+    );
+    assert!(
+        refused("gatewaySigning").is_empty(),
+        "{:?}",
+        refused("gatewaySigning")
+    );
+    assert!(refused("hookGood").is_empty(), "{:?}", refused("hookGood"));
+    let r = refused("gatewayKeyInStore");
+    assert!(
+        r.len() == 1 && r[0].contains("signingKeyFile is in the Nix store"),
+        "{r:?}"
+    );
+    let r = refused("hookKeyInStore");
+    assert!(
+        r.len() == 1 && r[0].contains("signingKeyFile is in the Nix store"),
+        "{r:?}"
+    );
+    let r = refused("gatewayNoPolicy");
+    assert!(r.len() == 1 && r[0].contains("requireSignatureBy"), "{r:?}");
+    let exec = v["gatewaySigningExec"].as_str().unwrap();
+    assert!(
+        exec.contains("'--signing-key' '%d/signing-key' '--require-signature-by' 'ci-1:AAAA'"),
+        "{exec}"
+    );
+    assert_eq!(sc["LimitNOFILE"], 65536);
+    assert_eq!(v["uploadService"]["serviceConfig"]["LimitNOFILE"], 65536);
 }
 
 #[test]

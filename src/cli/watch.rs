@@ -71,6 +71,8 @@ fn interval(secs: f64) -> Result<Duration, Failure> {
 }
 
 /// Asks Nix which candidates are valid; pushes those, hands the rest back to the scanner.
+/// Paths of a round that failed, in part or as a whole, go back to the scanner to be
+/// retried with backoff: a failed round never loses paths (security review M5).
 async fn push_new(pusher: &mut Pusher, scanner: &mut StoreScanner) -> Result<Outcome, Failure> {
     let candidates = scanner
         .candidates()
@@ -81,11 +83,13 @@ async fn push_new(pusher: &mut Pusher, scanner: &mut StoreScanner) -> Result<Out
             failed: 0,
         });
     }
-    let valid = pusher
-        .store
-        .valid_of(&candidates)
-        .await
-        .map_err(|e| Failure::input(e.to_string()))?;
+    let valid = match pusher.store.valid_of(&candidates).await {
+        Ok(v) => v,
+        Err(e) => {
+            scanner.retry_later(candidates);
+            return Err(Failure::input(e.to_string()));
+        }
+    };
     scanner.wait_for(candidates.into_iter().filter(|c| !valid.contains(c)));
     if valid.is_empty() {
         return Ok(Outcome::Done {
@@ -93,7 +97,21 @@ async fn push_new(pusher: &mut Pusher, scanner: &mut StoreScanner) -> Result<Out
             failed: 0,
         });
     }
-    pusher.push(valid, true, false, false).await
+    // Re-pushing the whole round is cheap: what was published is found present.
+    let res = pusher.push(valid.clone(), true, false, false).await;
+    match &res {
+        Ok(Outcome::Done { failed: 0, .. }) => scanner.round_succeeded(),
+        Ok(Outcome::Done { .. }) | Err(_) => {
+            scanner.retry_later(valid);
+            pusher.out.warn(&format!(
+                "{} paths will be pushed again after a pause",
+                scanner.failed()
+            ));
+        }
+        // Stopping: nothing is retried, the process ends.
+        Ok(Outcome::Interrupted) => {}
+    }
+    res
 }
 
 /// Publishes every queued batch; a batch leaves the queue only once it is published.
@@ -235,34 +253,65 @@ pub fn run_watch_exec(a: WatchExecArgs) -> Result<ExitCode, Failure> {
             .map_err(|e| Failure::input(format!("cannot list the store: {e}")))?;
         let mut child = tokio::process::Command::new(&a.command[0])
             .args(&a.command[1..])
+            // The user's command needs no signing key (L4).
+            .env_remove("CACHEPUSH_SIGNING_KEY")
+            // Whatever way this function is left, the command does not outlive it.
+            .kill_on_drop(true)
             .spawn()
             .map_err(|e| Failure::input(format!("cannot run {}: {e}", a.command[0])))?;
-        let mut failed = 0;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop = stop_signal();
+        let mut stopping = false;
         let status = loop {
             tokio::select! {
                 s = child.wait() => break s.map_err(|e| Failure::input(format!("waiting for {}: {e}", a.command[0])))?,
-                _ = tick.tick() => {
-                    match push_new(&mut pusher, &mut scanner).await? {
-                        Outcome::Interrupted => {
-                            // The command got the same Ctrl-C from the terminal.
-                            let _ = child.wait().await;
-                            return Ok(ExitCode::from(130));
+                // SIGTERM sent to cachepush alone (systemd, a CI cancel) reaches the
+                // command too; a Ctrl-C from a terminal reached it already.
+                _ = until_stopped(&mut stop), if !stopping => {
+                    stopping = true;
+                    forward_sigterm(&child);
+                }
+                _ = tick.tick(), if !stopping => {
+                    // A failed round is reported and its paths retried later; the
+                    // command keeps running and watching goes on (M5).
+                    match push_new(&mut pusher, &mut scanner).await {
+                        Ok(Outcome::Interrupted) => {
+                            stopping = true;
+                            forward_sigterm(&child);
                         }
-                        Outcome::Done { failed: n, .. } => failed += n,
+                        Ok(Outcome::Done { .. }) => {}
+                        Err(f) => pusher.out.error(&f.message),
                     }
                 }
             }
         };
-        // The last outputs appear as the command ends.
-        match push_new(&mut pusher, &mut scanner).await? {
-            Outcome::Interrupted => return Ok(ExitCode::from(130)),
-            Outcome::Done { failed: n, .. } => failed += n,
+        if stopping {
+            return Ok(ExitCode::from(130));
+        }
+        // The last outputs appear as the command ends. Failed paths get three more tries,
+        // 2, 4 and 8 s apart, before the run is reported as failed.
+        for pause in [0, 2, 4, 8] {
+            if pause > 0 {
+                if scanner.failed() == 0 {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(pause)) => {}
+                    _ = until_stopped(&mut stop) => return Ok(ExitCode::from(130)),
+                }
+            }
+            scanner.retry_now();
+            match push_new(&mut pusher, &mut scanner).await {
+                Ok(Outcome::Interrupted) => return Ok(ExitCode::from(130)),
+                Ok(Outcome::Done { .. }) => {}
+                Err(f) => pusher.out.error(&f.message),
+            }
         }
         if !status.success() {
             return Ok(exit_of(status));
         }
+        let failed = scanner.failed();
         if failed > 0 {
             pusher.out.error(&format!(
                 "the command succeeded but {failed} paths were not published"
@@ -271,6 +320,16 @@ pub fn run_watch_exec(a: WatchExecArgs) -> Result<ExitCode, Failure> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Asks the command to stop, as cachepush itself was asked.
+fn forward_sigterm(child: &tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) with a pid we spawned and still hold (not yet reaped).
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
 }
 
 /// The command's own exit status, as a shell would report it (128+N for signal N).
