@@ -136,9 +136,19 @@ async fn check_one<S: Storage>(
             ni.store_path
         ));
     }
-    match storage.head(&ni.url).await? {
-        None => problems.push(format!("its NAR {} is missing", ni.url)),
-        Some(size) => {
+    // A URL the backend refuses as a key (`../x`, `/x`) is this narinfo's problem, not a
+    // reason to stop checking the rest of the cache (security review L12).
+    let nar = match storage.head(&ni.url).await {
+        Err(StorageError::Config(why)) => {
+            problems.push(format!("its URL {:?} names no object: {why}", ni.url));
+            None
+        }
+        other => Some(other?),
+    };
+    match nar {
+        None => {}
+        Some(None) => problems.push(format!("its NAR {} is missing", ni.url)),
+        Some(Some(size)) => {
             if let Some(fs) = ni.file_size
                 && fs != size
             {
@@ -173,7 +183,7 @@ async fn check_one<S: Storage>(
         });
     }
     let mut checked = false;
-    if opts.full {
+    if opts.full && nar.is_some() {
         checked = true;
         problems.extend(check_nar(storage, &ni).await?);
     }

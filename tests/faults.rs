@@ -721,3 +721,47 @@ fn watch_exec_retries_failed_paths_and_never_orphans_its_command() {
     std::thread::sleep(Duration::from_secs(6));
     assert!(!marker.exists(), "the command outlived watch-exec");
 }
+
+/// Security review L12: a narinfo whose `URL:` names no object (`../x`) is one reported
+/// problem; `verify` goes on to check the rest, and `push --repair` publishes it again.
+#[test]
+fn a_narinfo_url_that_names_no_object_is_reported_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let cache = tmp.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let top = build("", &unique("bad-url"));
+    run_ok(
+        cachepush()
+            .args(["copy", "-q", "--to", &url, "--signing-key"])
+            .arg(&sk)
+            .arg(&top),
+    );
+    let verify = || {
+        cachepush()
+            .args(["verify", "--full", "--trusted-key", &pk, &url])
+            .output()
+            .unwrap()
+    };
+    let clean = verify();
+    assert_eq!(clean.status.code(), Some(0), "{}", stderr_of(&clean));
+    let hash = &top.file_name().unwrap().to_str().unwrap()[..32];
+    let file = cache.join(format!("{hash}.narinfo"));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let old_url = text.lines().find(|l| l.starts_with("URL: ")).unwrap();
+    std::fs::write(&file, text.replace(old_url, "URL: ../outside.nar")).unwrap();
+    let o = verify();
+    let report = format!("{}{}", stdout(&o), stderr_of(&o));
+    assert_eq!(o.status.code(), Some(1), "{report}");
+    assert!(report.contains("names no object"), "{report}");
+    // The other narinfos were still checked: exactly one path has problems.
+    assert!(!report.contains("cannot"), "{report}");
+    run_ok(
+        cachepush()
+            .args(["copy", "-q", "--repair", "--to", &url, "--signing-key"])
+            .arg(&sk)
+            .arg(&top),
+    );
+    let fixed = verify();
+    assert_eq!(fixed.status.code(), Some(0), "{}", stderr_of(&fixed));
+}

@@ -131,21 +131,27 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM, whichever comes first.
+/// Resolves on Ctrl-C (SIGINT), SIGTERM, SIGHUP (the terminal or ssh session closed) or
+/// SIGQUIT, whichever comes first: each would otherwise kill the process on the spot and
+/// leave its multipart uploads open (security review L3).
 pub async fn interrupted() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        let kinds = [
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+            SignalKind::quit(),
+        ];
+        let mut streams: Vec<_> = kinds.into_iter().filter_map(|k| signal(k).ok()).collect();
+        if streams.is_empty() {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+        let others = futures::future::select_all(streams.iter_mut().map(|s| Box::pin(s.recv())));
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = others => {}
         }
     }
     #[cfg(not(unix))]
@@ -165,8 +171,13 @@ pub fn stop_signal() -> tokio::sync::watch::Receiver<bool> {
         tokio::spawn(async move {
             interrupted().await;
             let _ = tx.send(true);
-            // Keep the sender alive: a dropped sender would read as "stopped" forever.
-            std::future::pending::<()>().await;
+            // Aborting open uploads can take a while with retries; a second signal means
+            // "now": exit at once (what is left open, `verify --abort-open-uploads` or a
+            // lifecycle rule cleans up).
+            interrupted().await;
+            eprintln!("interrupted again: exiting without waiting for the cleanup");
+            // (Never returns, so `tx` lives on: a dropped sender would read as "stopped".)
+            std::process::exit(130);
         });
         rx
     })

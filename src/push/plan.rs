@@ -159,5 +159,9 @@ async fn nar_missing<S: Storage>(storage: &S, info: &PathInfo) -> Result<bool, S
     else {
         return Ok(true);
     };
-    Ok(storage.head(&ni.url).await?.is_none())
+    match storage.head(&ni.url).await {
+        // A URL that names no object (`../x`) is broken too: pushing again replaces it.
+        Err(StorageError::Config(_)) => Ok(true),
+        other => Ok(other?.is_none()),
+    }
 }

@@ -49,13 +49,21 @@ impl LocalDir {
         Ok(self.root.join(key))
     }
 
+    /// A temp name beside `target` that nobody can guess: with a predictable one, another
+    /// local user who can write the cache directory could plant a symlink there and have
+    /// cachepush (often root, in hook setups) write through it (security review L15).
+    /// The file is then created with `O_EXCL` (which also refuses a symlink).
     fn tmp_path(target: &Path) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nonce: u64 = rand::random();
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        target.with_file_name(format!(".tmp-{}-{n}-{name}", std::process::id()))
+        target.with_file_name(format!(
+            ".tmp-{}-{n}-{nonce:016x}-{name}",
+            std::process::id()
+        ))
     }
 }
 
@@ -70,7 +78,7 @@ fn write_tmp(target: &Path, data: &[u8]) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(parent)?;
     }
     let tmp = LocalDir::tmp_path(target);
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::File::create_new(&tmp)?;
     let res = f.write_all(data).and_then(|_| f.sync_all());
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
@@ -182,7 +190,10 @@ impl Storage for LocalDir {
             key: key.to_owned(),
             size: 0,
         };
-        let mut file = tokio::fs::File::create(&tmp)
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
             .await
             .map_err(io_err("create", key))?;
         while let Some(chunk) = body.recv().await {
