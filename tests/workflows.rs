@@ -841,3 +841,48 @@ fn watch_store_publishes_new_store_paths_until_stopped() {
     );
     assert!(watcher.wait().unwrap().success());
 }
+
+/// Security review L9: a `cachepush.toml` found in a checkout fills in what the command
+/// line leaves open, but never overrides the URL's own `endpoint=`.
+#[test]
+fn a_project_file_never_overrides_the_urls_own_endpoint() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, _) = keygen(tmp.path(), "l9-1");
+    let top = shared_top();
+    let bucket = s3.new_bucket("l9");
+    let push = |dir: &Path, to: &str| {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        c.current_dir(dir)
+            .env("HOME", tmp.path())
+            .args(["copy", "-q", "--to", to, "--signing-key"])
+            .arg(&sk)
+            .arg(top)
+            .output()
+            .unwrap()
+    };
+    // An untrusted checkout points the endpoint at a port where nothing listens.
+    let hostile = tmp.path().join("hostile");
+    std::fs::create_dir_all(&hostile).unwrap();
+    std::fs::write(
+        hostile.join("cachepush.toml"),
+        "endpoint = \"http://127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let o = push(&hostile, &s3.url(&bucket, ""));
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(published(&s3, &bucket, ""), hashes(&closure_of(top)));
+    // Where the URL has no endpoint, the file's is used (here, the real server's).
+    let helpful = tmp.path().join("helpful");
+    std::fs::create_dir_all(&helpful).unwrap();
+    std::fs::write(
+        helpful.join("cachepush.toml"),
+        format!("endpoint = {:?}\nregion = \"us-east-1\"\n", s3.endpoint),
+    )
+    .unwrap();
+    let bucket2 = s3.new_bucket("l9b");
+    let o = push(&helpful, &format!("s3://{bucket2}"));
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(published(&s3, &bucket2, ""), hashes(&closure_of(top)));
+}

@@ -368,18 +368,15 @@ impl Pusher {
                 })?))
             }
             TargetUrl::S3 { .. } => {
-                let s3 = S3Args {
-                    endpoint: settings.s3.endpoint.clone().or(file.endpoint.clone()),
-                    region: settings.s3.region.clone().or(file.region.clone()),
-                    profile: settings.s3.profile.clone().or(file.profile.clone()),
-                    addressing_style: settings
-                        .s3
-                        .addressing_style
-                        .clone()
-                        .or(file.addressing_style.clone()),
-                    read_timeout: settings.s3.read_timeout,
+                // Flags and variables, then the URL's own parameters, then the files.
+                let from_file = S3Args {
+                    endpoint: file.endpoint.clone(),
+                    region: file.region.clone(),
+                    profile: file.profile.clone(),
+                    addressing_style: file.addressing_style.clone(),
+                    read_timeout: None,
                 };
-                let mut cfg = s3.config(&target)?;
+                let mut cfg = settings.s3.config_over(&target, &from_file)?;
                 cfg.part_size =
                     settings.part_size.or(file.part_size).unwrap_or(16) as usize * (1 << 20);
                 let bucket = S3Bucket::connect(cfg)

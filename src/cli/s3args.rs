@@ -29,6 +29,14 @@ pub struct S3Args {
 impl S3Args {
     /// S3 settings from the URL, overridden by these flags and their environment variables.
     pub fn config(&self, url: &TargetUrl) -> Result<S3Config, Failure> {
+        self.config_over(url, &S3Args::default())
+    }
+
+    /// As [`Self::config`], with `fallback` (a settings file found on the way to the
+    /// current directory) only where neither a flag nor the URL says anything: a
+    /// `cachepush.toml` in an untrusted checkout must not redirect an explicit
+    /// `s3://b?endpoint=...` elsewhere (security review L9).
+    pub fn config_over(&self, url: &TargetUrl, fallback: &S3Args) -> Result<S3Config, Failure> {
         let TargetUrl::S3 { bucket, prefix, .. } = url else {
             return Err(Failure::input("not an s3:// URL"));
         };
@@ -37,7 +45,8 @@ impl S3Args {
         let endpoint = self
             .endpoint
             .clone()
-            .or_else(|| url.param("endpoint").map(str::to_owned));
+            .or_else(|| url.param("endpoint").map(str::to_owned))
+            .or_else(|| fallback.endpoint.clone());
         cfg.endpoint = match endpoint {
             // Nix's `endpoint=host:port&scheme=http` form: add the scheme.
             Some(e) if !e.contains("://") => {
@@ -49,15 +58,18 @@ impl S3Args {
         cfg.region = self
             .region
             .clone()
-            .or_else(|| url.param("region").map(str::to_owned));
+            .or_else(|| url.param("region").map(str::to_owned))
+            .or_else(|| fallback.region.clone());
         cfg.profile = self
             .profile
             .clone()
-            .or_else(|| url.param("profile").map(str::to_owned));
+            .or_else(|| url.param("profile").map(str::to_owned))
+            .or_else(|| fallback.profile.clone());
         cfg.path_style = match self
             .addressing_style
             .as_deref()
             .or(url.param("addressing-style"))
+            .or(fallback.addressing_style.as_deref())
         {
             None | Some("auto") => None,
             Some("path") => Some(true),
