@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Checks a peer may have waiting or running at once.
+/// Checks a peer may have waiting or running at once, at most: never all the slots, so
+/// that one host can never hold every core (with two cores, one check per peer).
 const PENDING_PER_PEER: u32 = 2;
 /// Peers tracked at most; past that, new peers get only the global bound.
 const MAX_PEERS: usize = 100_000;
@@ -40,6 +41,7 @@ struct PeerState {
 
 pub struct PasswordChecks {
     slots: Arc<Semaphore>,
+    pending_per_peer: u32,
     wait: Duration,
     failures_per_window: u32,
     window: Duration,
@@ -71,8 +73,12 @@ impl PasswordChecks {
     /// `slots` concurrent bcrypt runs; a request waits at most `wait` for one; a peer may
     /// fail `failures_per_window` times a minute (0: no per-peer limit).
     pub fn new(slots: usize, wait: Duration, failures_per_window: u32) -> Self {
+        let slots = slots.max(1);
         PasswordChecks {
-            slots: Arc::new(Semaphore::new(slots.max(1))),
+            slots: Arc::new(Semaphore::new(slots)),
+            pending_per_peer: u32::try_from(slots / 2)
+                .unwrap_or(u32::MAX)
+                .clamp(1, PENDING_PER_PEER),
             wait,
             failures_per_window,
             window: Duration::from_secs(60),
@@ -130,7 +136,7 @@ impl PasswordChecks {
         if s.failures >= self.failures_per_window {
             return Err(NotChecked::Limited { retry_after });
         }
-        if s.pending >= PENDING_PER_PEER {
+        if s.pending >= self.pending_per_peer {
             return Err(NotChecked::Limited {
                 retry_after: Duration::from_secs(1),
             });
@@ -221,12 +227,19 @@ mod tests {
         first.finish(false);
         let s = checks.acquire(Some(other)).await.unwrap();
         s.finish(true);
-        // Two pending from one /64 at most.
+        // Two pending from one /64 at most (with four slots; one with two).
         let checks = PasswordChecks::new(4, Duration::from_secs(5), 100);
         let _x = checks.acquire(Some(a)).await.unwrap();
         let _y = checks.acquire(Some(same_host)).await.unwrap();
         assert!(matches!(
             checks.acquire(Some(a)).await,
+            Err(NotChecked::Limited { .. })
+        ));
+        assert!(checks.acquire(Some(other)).await.is_ok());
+        let checks = PasswordChecks::new(2, Duration::from_secs(5), 100);
+        let _x = checks.acquire(Some(a)).await.unwrap();
+        assert!(matches!(
+            checks.acquire(Some(same_host)).await,
             Err(NotChecked::Limited { .. })
         ));
         assert!(checks.acquire(Some(other)).await.is_ok());
