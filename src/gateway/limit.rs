@@ -208,17 +208,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_peer_cannot_queue_more_than_two_and_a_full_gate_is_busy_not_denied() {
+    async fn a_peer_never_holds_every_slot_and_a_full_gate_is_busy_not_denied() {
         let checks = PasswordChecks::new(1, Duration::from_millis(50), 100);
         let a: IpAddr = "2001:db8::1".parse().unwrap();
         let same_host: IpAddr = "2001:db8::2".parse().unwrap();
         let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
         let first = checks.acquire(Some(a)).await.unwrap();
-        // The one slot is taken: the next (same /64) waits, then is told "busy".
-        assert_eq!(
-            checks.acquire(Some(same_host)).await.err(),
-            Some(NotChecked::Busy)
-        );
+        // The one slot is taken: the same /64 may not queue behind it (one pending per
+        // peer with so few slots); another host waits, then is told "busy".
+        assert!(matches!(
+            checks.acquire(Some(same_host)).await,
+            Err(NotChecked::Limited { .. })
+        ));
         assert_eq!(
             checks.acquire(Some(other)).await.err(),
             Some(NotChecked::Busy)
