@@ -644,11 +644,7 @@ fn watch_store_retries_paths_whose_push_failed() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    run_ok(
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(watcher.id().to_string()),
-    );
+    sigterm(watcher.id());
     let out = watcher.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(
@@ -711,11 +707,7 @@ fn watch_exec_retries_failed_paths_and_never_orphans_its_command() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    run_ok(
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string()),
-    );
+    sigterm(child.id());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{status:?}");
     std::thread::sleep(Duration::from_secs(6));

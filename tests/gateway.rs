@@ -83,6 +83,23 @@ fn hash_of(path: &Path) -> String {
     path.file_name().unwrap().to_str().unwrap()[..32].to_owned()
 }
 
+/// top's narinfo in `bucket` with its NarHash swapped for dep's: a consistent-looking
+/// narinfo that top's signature no longer covers. Returns (key, tampered text).
+fn tampered_narinfo(s3: &S3, bucket: &str, top: &Path, dep: &Path) -> (String, String) {
+    let key = format!("{}.narinfo", hash_of(top));
+    let text = String::from_utf8(s3.get(bucket, &key)).unwrap();
+    let dep_text = String::from_utf8(s3.get(bucket, &format!("{}.narinfo", hash_of(dep)))).unwrap();
+    let line = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("NarHash: "))
+            .unwrap()
+            .to_owned()
+    };
+    let tampered = text.replace(&line(&text), &line(&dep_text));
+    assert_ne!(tampered, text);
+    (key, tampered)
+}
+
 #[test]
 fn nix_substitutes_from_a_private_bucket_through_the_gateway_with_netrc() {
     let top = shared_top();
@@ -175,20 +192,8 @@ fn a_narinfo_tampered_in_the_bucket_is_refused_by_nix() {
     let (sk, pk) = keygen(tmp.path(), "gw-test-1");
     let bucket = s3.new_bucket("tamper");
     push(&s3, &bucket, Some(&sk), &top);
-    // Swap top's NarHash for dep's: a consistent-looking narinfo the signature no longer covers.
     let dep = build("dep", "gw-tamper");
-    let key = format!("{}.narinfo", hash_of(&top));
-    let text = String::from_utf8(s3.get(&bucket, &key)).unwrap();
-    let dep_text =
-        String::from_utf8(s3.get(&bucket, &format!("{}.narinfo", hash_of(&dep)))).unwrap();
-    let line = |t: &str| {
-        t.lines()
-            .find(|l| l.starts_with("NarHash: "))
-            .unwrap()
-            .to_owned()
-    };
-    let tampered = text.replace(&line(&text), &line(&dep_text));
-    assert_ne!(tampered, text);
+    let (key, tampered) = tampered_narinfo(&s3, &bucket, &top, &dep);
 
     let gw = gateway(&s3, &bucket, &[]);
     let ok = nix_via(&gw.url(), &tmp.path().join("before"), &top, &pk, None);
@@ -258,19 +263,8 @@ fn a_signing_gateway_countersigns_only_what_a_required_key_signed() {
     // Tampered after CI signed it: the CI signature no longer verifies, so no countersign.
     let key = format!("{}.narinfo", hash_of(&top));
     let text = String::from_utf8(s3.get(&bucket, &key)).unwrap();
-    let dep_text =
-        String::from_utf8(s3.get(&bucket, &format!("{}.narinfo", hash_of(&dep)))).unwrap();
-    let line = |t: &str| {
-        t.lines()
-            .find(|l| l.starts_with("NarHash: "))
-            .unwrap()
-            .to_owned()
-    };
-    s3.put(
-        &bucket,
-        &key,
-        text.replace(&line(&text), &line(&dep_text)).as_bytes(),
-    );
+    let (_, tampered) = tampered_narinfo(&s3, &bucket, &top, &dep);
+    s3.put(&bucket, &key, tampered.as_bytes());
     // A narinfo copied under another path's name is never served.
     let alias = format!("{}.narinfo", "1".repeat(32));
     s3.put(&bucket, &alias, text.as_bytes());
@@ -788,15 +782,17 @@ fn a_flood_of_wrong_passwords_does_not_delay_a_legitimate_first_login() {
     let bucket = s3.new_bucket("bcrypt");
     // Cost 10, a common production setting (htpasswd's default is 5).
     let pw = tmp.path().join("htpasswd");
-    let mut child = Command::new("htpasswd")
-        .args(["-niB", "-C", "10", "alice"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"correct-horse").unwrap();
-    let out = child.wait_with_output().unwrap();
-    std::fs::write(&pw, stdout(&out)).unwrap();
+    let entry = |user: &str| {
+        let mut child = Command::new("htpasswd")
+            .args(["-niB", "-C", "10", user])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"correct-horse").unwrap();
+        stdout(&child.wait_with_output().unwrap())
+    };
+    std::fs::write(&pw, format!("{}\n{}\n", entry("alice"), entry("bob"))).unwrap();
     let pw = pw.to_str().unwrap();
     let gw = gateway(
         &s3,
@@ -826,6 +822,20 @@ fn a_flood_of_wrong_passwords_does_not_delay_a_legitimate_first_login() {
         )
     };
 
+    // Nix opens many connections at once with one credential: all of them get in (one
+    // bcrypt run answers them all), none is refused for being many.
+    let burst: Vec<_> = (0..30)
+        .map(|_| {
+            let addr = gw.addr;
+            let h = basic("bob", "correct-horse");
+            std::thread::spawn(move || {
+                request(addr, "GET", "/nix-cache-info", &[("Authorization", &h)]).status
+            })
+        })
+        .collect();
+    let burst: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(burst.iter().all(|s| *s == 200), "{burst:?}");
+
     let attackers: Vec<_> = (0..200)
         .map(|i| {
             let addr = gw.addr;
@@ -849,10 +859,6 @@ fn a_flood_of_wrong_passwords_does_not_delay_a_legitimate_first_login() {
     assert!(
         statuses.iter().all(|s| [401, 429, 503].contains(s)),
         "{statuses:?}"
-    );
-    assert!(
-        statuses.contains(&429),
-        "no attacker was limited: {statuses:?}"
     );
     assert!(
         took < Duration::from_secs(1),

@@ -4,9 +4,12 @@
 //!   gateway has not verified yet costs tens of milliseconds of CPU. At most one check per
 //!   core runs at a time; a request that cannot get a slot within a short wait is answered
 //!   503 with `Retry-After` (never 401, which Nix would take as "absent"). Each peer may
-//!   have only a few checks queued or running, and a peer that keeps failing is refused for
-//!   the rest of a one-minute window (429), so one host cannot fill the queue and delay the
-//!   first login of everyone else.
+//!   have only a few checks queued or running (more are 503 too), and a peer that keeps
+//!   failing is refused for the rest of a one-minute window (429), so one host cannot fill
+//!   the queue and delay the first login of everyone else.
+//! - [`SingleFlight`]: Nix opens many connections at once, all with the same credential.
+//!   Requests with a credential whose check is already running wait for that check's
+//!   answer instead of starting (or being refused) one of their own.
 //! - Peers are counted by IP address, IPv6 by /64 (one host usually holds a whole /64).
 //!   Unix-socket peers are not limited per peer: behind a reverse proxy they are all one
 //!   peer, so there the global bound applies, and per-client limits belong to the proxy.
@@ -137,9 +140,7 @@ impl PasswordChecks {
             return Err(NotChecked::Limited { retry_after });
         }
         if s.pending >= self.pending_per_peer {
-            return Err(NotChecked::Limited {
-                retry_after: Duration::from_secs(1),
-            });
+            return Err(NotChecked::Busy);
         }
         s.pending += 1;
         Ok(())
@@ -181,6 +182,78 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// The answer of one credential check, shared with every request that waited for it.
+pub type CheckOutcome = Result<bool, NotChecked>;
+
+type Waiters = HashMap<[u8; 32], tokio::sync::watch::Receiver<Option<CheckOutcome>>>;
+
+/// Checks in progress, by the SHA-256 of the credential.
+#[derive(Default)]
+pub struct SingleFlight {
+    running: Mutex<Waiters>,
+}
+
+/// What a request does about its credential.
+pub enum Flight<'a> {
+    /// Runs the check and publishes the outcome with [`Leader::publish`].
+    Leader(Leader<'a>),
+    /// Another request checks the same credential: wait for its outcome.
+    Follower(tokio::sync::watch::Receiver<Option<CheckOutcome>>),
+}
+
+pub struct Leader<'a> {
+    owner: &'a SingleFlight,
+    key: [u8; 32],
+    tx: tokio::sync::watch::Sender<Option<CheckOutcome>>,
+}
+
+impl SingleFlight {
+    pub fn join(&self, key: [u8; 32]) -> Flight<'_> {
+        let Ok(mut running) = self.running.lock() else {
+            // A poisoned map only costs the sharing: check alone.
+            let (tx, _) = tokio::sync::watch::channel(None);
+            return Flight::Leader(Leader {
+                owner: self,
+                key,
+                tx,
+            });
+        };
+        if let Some(rx) = running.get(&key) {
+            return Flight::Follower(rx.clone());
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        running.insert(key, rx);
+        Flight::Leader(Leader {
+            owner: self,
+            key,
+            tx,
+        })
+    }
+
+    /// The outcome of the check a follower waits for; `None` when its leader went away
+    /// (the client hung up) without one, and the follower should check for itself.
+    pub async fn wait(
+        mut rx: tokio::sync::watch::Receiver<Option<CheckOutcome>>,
+    ) -> Option<CheckOutcome> {
+        rx.wait_for(Option::is_some).await.ok().and_then(|v| *v)
+    }
+}
+
+impl Leader<'_> {
+    pub fn publish(self, outcome: CheckOutcome) {
+        let _ = self.tx.send(Some(outcome));
+    }
+}
+
+impl Drop for Leader<'_> {
+    /// Published or abandoned, the check is no longer running.
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.owner.running.lock() {
+            running.remove(&self.key);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,11 +288,11 @@ mod tests {
         let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
         let first = checks.acquire(Some(a)).await.unwrap();
         // The one slot is taken: the same /64 may not queue behind it (one pending per
-        // peer with so few slots); another host waits, then is told "busy".
-        assert!(matches!(
-            checks.acquire(Some(same_host)).await,
-            Err(NotChecked::Limited { .. })
-        ));
+        // peer with so few slots); another host waits; both are told "busy", not "denied".
+        assert_eq!(
+            checks.acquire(Some(same_host)).await.err(),
+            Some(NotChecked::Busy)
+        );
         assert_eq!(
             checks.acquire(Some(other)).await.err(),
             Some(NotChecked::Busy)
@@ -232,17 +305,45 @@ mod tests {
         let checks = PasswordChecks::new(4, Duration::from_secs(5), 100);
         let _x = checks.acquire(Some(a)).await.unwrap();
         let _y = checks.acquire(Some(same_host)).await.unwrap();
-        assert!(matches!(
-            checks.acquire(Some(a)).await,
-            Err(NotChecked::Limited { .. })
-        ));
+        assert_eq!(checks.acquire(Some(a)).await.err(), Some(NotChecked::Busy));
         assert!(checks.acquire(Some(other)).await.is_ok());
         let checks = PasswordChecks::new(2, Duration::from_secs(5), 100);
         let _x = checks.acquire(Some(a)).await.unwrap();
-        assert!(matches!(
-            checks.acquire(Some(same_host)).await,
-            Err(NotChecked::Limited { .. })
-        ));
+        assert_eq!(
+            checks.acquire(Some(same_host)).await.err(),
+            Some(NotChecked::Busy)
+        );
         assert!(checks.acquire(Some(other)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn one_check_per_credential_however_many_requests_carry_it() {
+        let flights = SingleFlight::default();
+        let key = [7u8; 32];
+        let Flight::Leader(lead) = flights.join(key) else {
+            panic!("the first request leads")
+        };
+        let followers: Vec<_> = (0..10)
+            .map(|_| match flights.join(key) {
+                Flight::Follower(rx) => tokio::spawn(SingleFlight::wait(rx)),
+                Flight::Leader(_) => panic!("a second check of the same credential"),
+            })
+            .collect();
+        // Another credential is checked on its own.
+        assert!(matches!(flights.join([8u8; 32]), Flight::Leader(_)));
+        lead.publish(Ok(true));
+        for f in followers {
+            assert_eq!(f.await.unwrap(), Some(Ok(true)));
+        }
+        // Done: the next request checks again (its answer is cached elsewhere).
+        let Flight::Leader(lead) = flights.join(key) else {
+            panic!("a finished check is not joined")
+        };
+        let Flight::Follower(rx) = flights.join(key) else {
+            panic!()
+        };
+        // A leader that goes away without an answer sends its followers to check alone.
+        drop(lead);
+        assert_eq!(SingleFlight::wait(rx).await, None);
     }
 }

@@ -41,9 +41,10 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::storage::{S3Bucket, Storage, StorageError, StreamOutcome, content_type};
 use auth::Auth;
 use cache::{Cached, SmallCache};
-use limit::{NotChecked, PasswordChecks};
+use limit::{CheckOutcome, Flight, NotChecked, PasswordChecks, SingleFlight};
 use metrics::Metrics;
 use route::{Reject, Route};
+use sha2::Digest;
 use sign::{Countersigned, Countersigner};
 
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -175,6 +176,7 @@ struct State {
     bucket: S3Bucket,
     auth: Option<Arc<Auth>>,
     checks: PasswordChecks,
+    flights: SingleFlight,
     /// The last bucket check and when it ran: `/healthz` asks the bucket at most once per
     /// [`HEALTH_TTL`], however often it is called (it needs no credentials).
     health: tokio::sync::Mutex<Option<(Instant, Result<(), Refusal>)>>,
@@ -378,23 +380,25 @@ impl State {
         let ok = match auth.check_cached(h) {
             Some(answer) => answer,
             None => {
-                let mut slot = match self.checks.acquire(peer).await {
-                    Ok(s) => s,
-                    Err(why) => return Err(self.not_checked(why)),
+                let key: [u8; 32] = sha2::Sha256::digest(h.unwrap_or_default()).into();
+                let outcome = loop {
+                    match self.flights.join(key) {
+                        Flight::Leader(lead) => {
+                            let outcome = self.check_slowly(auth, h, peer).await;
+                            lead.publish(outcome);
+                            break outcome;
+                        }
+                        Flight::Follower(rx) => {
+                            if let Some(outcome) = SingleFlight::wait(rx).await {
+                                break outcome;
+                            }
+                        }
+                    }
                 };
-                // bcrypt takes milliseconds: keep it off the async workers, and keep the
-                // CPU slot until it has finished even if the client hangs up.
-                let permit = slot.take_permit();
-                let h = h.map(<[u8]>::to_vec);
-                let auth = auth.clone();
-                let ok = tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    auth.check(h.as_deref())
-                })
-                .await
-                .unwrap_or(false);
-                slot.finish(ok);
-                ok
+                match outcome {
+                    Ok(ok) => ok,
+                    Err(why) => return Err(self.not_checked(why)),
+                }
             }
         };
         if ok {
@@ -406,6 +410,29 @@ impl State {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
         Err(r)
+    }
+
+    /// One bcrypt run for a credential not seen (or not remembered) yet.
+    async fn check_slowly(
+        &self,
+        auth: &Arc<Auth>,
+        h: Option<&[u8]>,
+        peer: Option<IpAddr>,
+    ) -> CheckOutcome {
+        let mut slot = self.checks.acquire(peer).await?;
+        // bcrypt takes milliseconds: keep it off the async workers, and keep the CPU slot
+        // until it has finished even if the client hangs up.
+        let permit = slot.take_permit();
+        let h = h.map(<[u8]>::to_vec);
+        let auth = auth.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            auth.check(h.as_deref())
+        })
+        .await
+        .unwrap_or(false);
+        slot.finish(ok);
+        Ok(ok)
     }
 
     fn not_checked(&self, why: NotChecked) -> Response<Body> {
@@ -875,6 +902,7 @@ pub async fn serve(
         auth: cfg.auth.take().map(Arc::new),
         // A request waits up to 2 s for a password check slot, then gets a 503.
         checks: PasswordChecks::new(slots, Duration::from_secs(2), cfg.auth_failures_per_minute),
+        flights: SingleFlight::default(),
         health: tokio::sync::Mutex::new(None),
         cache: SmallCache::new(cfg.cache_entries, cfg.narinfo_ttl, cfg.negative_ttl),
         metrics: Metrics::default(),

@@ -170,3 +170,8 @@ pub fn unique(tag: &str) -> String {
 pub fn stderr_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Sends SIGTERM to a process, as systemd or a CI cancel would.
+pub fn sigterm(pid: u32) {
+    run_ok(Command::new("kill").arg("-TERM").arg(pid.to_string()));
+}
