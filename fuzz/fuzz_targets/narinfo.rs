@@ -5,6 +5,7 @@ use cachepush_fuzz::format::NarInfo;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    cachepush_fuzz::canary(data);
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
