@@ -757,3 +757,274 @@ fn a_narinfo_url_that_names_no_object_is_reported_not_fatal() {
     let fixed = verify();
     assert_eq!(fixed.status.code(), Some(0), "{}", stderr_of(&fixed));
 }
+
+/// Where the oracle test applies its damage: a real S3 bucket, or a `file://` directory.
+enum Cache<'a> {
+    S3(&'a S3, String),
+    Dir(PathBuf),
+}
+
+impl Cache<'_> {
+    fn url(&self) -> String {
+        match self {
+            Cache::S3(s3, b) => s3.url(b, ""),
+            Cache::Dir(d) => format!("file://{}", d.display()),
+        }
+    }
+    fn get(&self, key: &str) -> Vec<u8> {
+        match self {
+            Cache::S3(s3, b) => s3.get(b, key),
+            Cache::Dir(d) => std::fs::read(d.join(key)).unwrap(),
+        }
+    }
+    fn put(&self, key: &str, body: &[u8]) {
+        match self {
+            Cache::S3(s3, b) => s3.put(b, key, body),
+            Cache::Dir(d) => std::fs::write(d.join(key), body).unwrap(),
+        }
+    }
+    fn delete(&self, key: &str) {
+        match self {
+            Cache::S3(s3, b) => s3.delete(b, key),
+            Cache::Dir(d) => std::fs::remove_file(d.join(key)).unwrap(),
+        }
+    }
+    fn cmd(&self) -> Command {
+        let mut c = cachepush();
+        if let Cache::S3(s3, _) = self {
+            s3.creds(&mut c);
+        }
+        c
+    }
+    /// `verify --full`: the exit code and the (key, problem) pairs.
+    fn verify(&self, pk: &str, extra: &[&str]) -> (i32, Vec<(String, String)>) {
+        let o = self
+            .cmd()
+            .args(["verify", "--full", "--json", "--trusted-key", pk])
+            .args(extra)
+            .arg(self.url())
+            .output()
+            .unwrap();
+        let v = json(&o);
+        let problems = v["problems"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no problems list: {v}"))
+            .iter()
+            .map(|p| {
+                (
+                    p["key"].as_str().unwrap().to_owned(),
+                    p["problem"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        (o.status.code().unwrap_or(-1), problems)
+    }
+}
+
+fn field<'a>(narinfo: &'a str, name: &str) -> &'a str {
+    narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(": ")))
+        .unwrap_or_else(|| panic!("no {name} in {narinfo}"))
+}
+
+/// The oracle of every fault test: `verify` finds each kind of damage it claims to find,
+/// names the object and the problem, and passes the same cache once it is restored.
+#[test]
+fn verify_detects_every_kind_of_damage() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "oracle-1");
+    let top = build("", &unique("oracle"));
+    let hash = |p: &Path| p.file_name().unwrap().to_str().unwrap()[..32].to_owned();
+    let dep = closure_of(&top)
+        .into_iter()
+        .find(|p| p != &top && p.to_string_lossy().ends_with("-dep"))
+        .expect("the fixture's top refers to dep");
+    let caches = [
+        Cache::S3(&s3, s3.new_bucket("oracle")),
+        Cache::Dir(tmp.path().join("cache")),
+    ];
+    for cache in &caches {
+        run_ok(
+            cache
+                .cmd()
+                .args(["copy", "-q", "--to", &cache.url(), "--signing-key"])
+                .arg(&sk)
+                .arg(&top),
+        );
+        let (code, clean) = cache.verify(&pk, &[]);
+        assert_eq!((code, clean.len()), (0, 0), "{}: {clean:?}", cache.url());
+
+        let top_key = format!("{}.narinfo", hash(&top));
+        let dep_key = format!("{}.narinfo", hash(&dep));
+        let top_text = String::from_utf8(cache.get(&top_key)).unwrap();
+        let dep_text = String::from_utf8(cache.get(&dep_key)).unwrap();
+        let top_nar = field(&top_text, "URL").to_owned();
+        let dep_nar = field(&dep_text, "URL").to_owned();
+        let top_nar_bytes = cache.get(&top_nar);
+        let dep_nar_bytes = cache.get(&dep_nar);
+        let info = String::from_utf8(cache.get("nix-cache-info")).unwrap();
+        let dep_base = dep.file_name().unwrap().to_str().unwrap().to_owned();
+        let referrer = closure_of(&top)
+            .into_iter()
+            .map(|p| format!("{}.narinfo", hash(&p)))
+            .find(|k| {
+                String::from_utf8(cache.get(k))
+                    .unwrap()
+                    .lines()
+                    .any(|l| l.starts_with("References: ") && l.contains(&dep_base))
+            })
+            .expect("a path that refers to dep");
+
+        // Each damage: (what, apply, the key and words verify must report, restore).
+        type Step<'s> = Box<dyn Fn() + 's>;
+        let alias = format!("{}.narinfo", "1".repeat(32));
+        let damages: Vec<(&str, Step, String, &str, Step)> = vec![
+            (
+                "a reference without a narinfo",
+                Box::new(|| cache.delete(&dep_key)),
+                referrer.clone(),
+                "which has no narinfo",
+                Box::new(|| cache.put(&dep_key, dep_text.as_bytes())),
+            ),
+            (
+                "a missing NAR",
+                Box::new(|| cache.delete(&top_nar)),
+                top_key.clone(),
+                "is missing",
+                Box::new(|| cache.put(&top_nar, &top_nar_bytes)),
+            ),
+            (
+                "FileSize that is not the object's size",
+                Box::new(|| {
+                    let size = field(&top_text, "FileSize");
+                    let wrong = (size.parse::<u64>().unwrap() + 1).to_string();
+                    cache.put(
+                        &top_key,
+                        top_text
+                            .replace(&format!("FileSize: {size}"), &format!("FileSize: {wrong}"))
+                            .as_bytes(),
+                    )
+                }),
+                top_key.clone(),
+                "FileSize",
+                Box::new(|| cache.put(&top_key, top_text.as_bytes())),
+            ),
+            (
+                // Another valid compressed NAR with matching FileHash/FileSize: the signed
+                // NarHash is all that can tell.
+                "a NAR that decompresses to other content",
+                Box::new(|| {
+                    cache.put(&top_nar, &dep_nar_bytes);
+                    let file_hash = cachepush::format::Sha256::digest(&dep_nar_bytes).to_string();
+                    let text = top_text
+                        .replace(field(&top_text, "FileHash"), &file_hash)
+                        .replace(
+                            &format!("FileSize: {}", field(&top_text, "FileSize")),
+                            &format!("FileSize: {}", dep_nar_bytes.len()),
+                        );
+                    cache.put(&top_key, text.as_bytes());
+                }),
+                top_key.clone(),
+                "NarHash says",
+                Box::new(|| {
+                    cache.put(&top_nar, &top_nar_bytes);
+                    cache.put(&top_key, top_text.as_bytes());
+                }),
+            ),
+            (
+                "a signature that does not verify",
+                Box::new(|| {
+                    let sig = field(&top_text, "Sig");
+                    let (name, b64) = sig.split_once(':').unwrap();
+                    let flipped: String = b64
+                        .chars()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            if i == 3 {
+                                if c == 'A' { 'B' } else { 'A' }
+                            } else {
+                                c
+                            }
+                        })
+                        .collect();
+                    cache.put(
+                        &top_key,
+                        top_text
+                            .replace(sig, &format!("{name}:{flipped}"))
+                            .as_bytes(),
+                    );
+                }),
+                top_key.clone(),
+                "no valid signature by a trusted key",
+                Box::new(|| cache.put(&top_key, top_text.as_bytes())),
+            ),
+            (
+                "an unreadable narinfo",
+                Box::new(|| cache.put(&top_key, b"StorePath: not a store path\n")),
+                top_key.clone(),
+                "unreadable narinfo",
+                Box::new(|| cache.put(&top_key, top_text.as_bytes())),
+            ),
+            (
+                "a narinfo stored under another hash",
+                Box::new(|| cache.put(&alias, top_text.as_bytes())),
+                alias.clone(),
+                "but is stored under",
+                Box::new(|| cache.delete(&alias)),
+            ),
+            (
+                "no nix-cache-info",
+                Box::new(|| cache.delete("nix-cache-info")),
+                "nix-cache-info".to_owned(),
+                "missing",
+                Box::new(|| cache.put("nix-cache-info", info.as_bytes())),
+            ),
+        ];
+        for (what, damage, key, words, restore) in damages {
+            damage();
+            let (code, problems) = cache.verify(&pk, &[]);
+            assert_eq!(code, 1, "{}: {what}: {problems:?}", cache.url());
+            assert!(
+                problems.iter().any(|(k, p)| k == &key && p.contains(words)),
+                "{}: {what}: expected {key}: …{words}…, got {problems:?}",
+                cache.url()
+            );
+            restore();
+            let (code, problems) = cache.verify(&pk, &[]);
+            assert_eq!(
+                (code, problems.len()),
+                (0, 0),
+                "{}: after restoring {what}: {problems:?}",
+                cache.url()
+            );
+        }
+    }
+
+    // An open multipart upload (S3 only): reported, and --abort-open-uploads removes it.
+    let Cache::S3(_, bucket) = &caches[0] else {
+        unreachable!()
+    };
+    s3.block_on(
+        s3.client()
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key("nar/left-open.nar.zst")
+            .send(),
+    )
+    .unwrap();
+    let (code, problems) = caches[0].verify(&pk, &[]);
+    assert_eq!(code, 1, "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .any(|(k, p)| k == "nar/left-open.nar.zst" && p.contains("left open")),
+        "{problems:?}"
+    );
+    let (code, _) = caches[0].verify(&pk, &["--abort-open-uploads"]);
+    assert!(code == 0 || code == 1, "{code}");
+    assert!(s3.open_uploads(bucket).is_empty());
+    let (code, problems) = caches[0].verify(&pk, &[]);
+    assert_eq!((code, problems.len()), (0, 0), "{problems:?}");
+}
