@@ -355,86 +355,81 @@ fn head_in_redirect_mode_and_ranges_in_proxy_mode() {
     }
 }
 
+/// Request shapes the gateway refuses, each with its exact status, sent with valid
+/// credentials (so that a route rejection cannot hide behind a 401), against a gateway with
+/// and without authentication; none reaches the bucket, and each valid twin is served.
 #[test]
-fn bad_requests_get_4xx_without_touching_the_bucket() {
+fn bad_requests_get_their_exact_4xx_without_touching_the_bucket() {
     let s3 = S3::seaweedfs();
     let tmp = tempfile::tempdir().unwrap();
     let bucket = s3.new_bucket("hostile");
     let pw = htpasswd(tmp.path(), "alice", "pw");
-    let gw = gateway(&s3, &bucket, &["--htpasswd", pw.to_str().unwrap()]);
-    let before = gw.bucket_requests();
+    let good = "Authorization: Basic YWxpY2U6cHc=\r\n"; // alice:pw
     let long = format!("/{}", "a".repeat(8192));
-    let huge = "x".repeat(20_000);
-    let cases: Vec<(String, Vec<u8>)> = vec![
+    let huge = format!("X-Big: {}\r\n", "x".repeat(20_000));
+    // (what, request line, extra header lines, status)
+    let shapes: Vec<(&str, String, String, u16)> = vec![
         (
-            "traversal".into(),
-            b"GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "traversal",
+            "GET /../../etc/passwd".into(),
+            String::new(),
+            400,
         ),
         (
-            "encoded traversal".into(),
-            b"GET /nar/%2e%2e%2fsecret HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "encoded traversal",
+            "GET /nar/%2e%2e%2fsecret".into(),
+            String::new(),
+            400,
         ),
         (
-            "double encoded".into(),
-            b"GET /nar/%252e%252e/x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "double encoded",
+            "GET /nar/%252e%252e/x".into(),
+            String::new(),
+            400,
+        ),
+        ("backslash", "GET /nar\\..\\x".into(), String::new(), 400),
+        ("short hash", "GET /abc.narinfo".into(), String::new(), 400),
+        (
+            "non-nix32 hash",
+            format!("GET /{}.narinfo", "e".repeat(32)),
+            String::new(),
+            400,
+        ),
+        ("bad NAR name", "GET /nar/x.nar".into(), String::new(), 400),
+        (
+            "bad drv name",
+            "GET /log/notadrv".into(),
+            String::new(),
+            400,
+        ),
+        ("8 KiB path", format!("GET {long}"), String::new(), 414),
+        ("huge header", "GET /nix-cache-info".into(), huge, 431),
+        (
+            "POST",
+            "POST /nix-cache-info".into(),
+            "Content-Length: 0\r\n".into(),
+            405,
+        ),
+        ("DELETE", "DELETE /nar/x".into(), String::new(), 405),
+        (
+            "unknown route",
+            "GET /index.html".into(),
+            String::new(),
+            404,
         ),
         (
-            "backslash".into(),
-            b"GET /nar\\..\\x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-        ),
-        (
-            "short hash".into(),
-            b"GET /abc.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-        ),
-        (
-            "non-nix32 hash".into(),
-            b"GET /eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-        ),
-        (
-            "8 KiB path".into(),
-            format!("GET {long} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes(),
-        ),
-        (
-            "huge header".into(),
-            format!("GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n")
-                .into_bytes(),
-        ),
-        (
-            "POST".into(),
-            b"POST /nix-cache-info HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec(),
-        ),
-        (
-            "DELETE".into(),
-            b"DELETE /nar/x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-        ),
-        (
-            "unknown route".into(),
-            b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-        ),
-        (
-            "invalid UTF-8".into(),
-            b"GET /\xff\xfe.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-        ),
-        (
-            "no credentials".into(),
-            b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-        ),
-        (
-            "malformed basic".into(),
-            b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nAuthorization: Basic %%%\r\n\r\n".to_vec(),
-        ),
-        (
-            "oversized bearer".into(),
-            format!(
-                "GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-                "t".repeat(6000)
-            )
-            .into_bytes(),
+            "unknown nested route",
+            "GET /a/b/c".into(),
+            String::new(),
+            404,
         ),
     ];
-    for (what, bytes) in &cases {
-        let r = common::http::raw(gw.addr, bytes, false);
-        assert!((400..500).contains(&r.status), "{what}: {}", r.status);
+    let invalid_utf8 = b"GET /\xff\xfe.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    let send = |gw: &Gateway, line: &str, extra: &str, creds: &str| {
+        let raw = format!("{line} HTTP/1.1\r\nHost: x\r\n{creds}{extra}Connection: close\r\n\r\n");
+        common::http::raw(gw.addr, raw.as_bytes(), false)
+    };
+    let no_leak = |what: &str, r: &common::http::Reply| {
         for secret in [bucket.as_str(), "127.0.0.1:9", "s3://", "Amz"] {
             assert!(
                 !r.text().contains(secret),
@@ -442,17 +437,187 @@ fn bad_requests_get_4xx_without_touching_the_bucket() {
                 r.text()
             );
         }
+    };
+    for with_auth in [true, false] {
+        let gw = if with_auth {
+            gateway(&s3, &bucket, &["--htpasswd", pw.to_str().unwrap()])
+        } else {
+            gateway(&s3, &bucket, &[])
+        };
+        let before = gw.bucket_requests();
+        for creds in [good, ""] {
+            for (what, line, extra, status) in &shapes {
+                let r = send(&gw, line, extra, creds);
+                assert_eq!(
+                    r.status, *status,
+                    "{what} (auth {with_auth}, creds {creds:?}): {r:?}"
+                );
+                no_leak(what, &r);
+                if *status == 405 {
+                    assert_eq!(r.header("allow"), Some("GET, HEAD"), "{what}");
+                }
+            }
+            let r = common::http::raw(gw.addr, &invalid_utf8, false);
+            assert_eq!(r.status, 400, "invalid UTF-8: {r:?}");
+        }
+        if with_auth {
+            // Credentials refused without a look at the bucket.
+            for (what, creds) in [
+                ("no credentials", String::new()),
+                ("malformed basic", "Authorization: Basic %%%\r\n".to_owned()),
+                (
+                    "oversized bearer",
+                    format!("Authorization: Bearer {}\r\n", "t".repeat(6000)),
+                ),
+            ] {
+                let r = send(&gw, "GET /nix-cache-info", "", &creds);
+                assert_eq!(r.status, 401, "{what}: {r:?}");
+                no_leak(what, &r);
+            }
+        }
+        assert_eq!(
+            gw.bucket_requests(),
+            before,
+            "a refused request reached the bucket"
+        );
+        // The valid twins of the refused shapes are served (and reach the bucket).
+        let creds = if with_auth { good } else { "" };
+        for (line, status) in [
+            ("GET /nix-cache-info", 200),
+            (&*format!("GET /{}.narinfo", "0".repeat(32)), 404),
+            (&*format!("GET /nar/{}.nar.zst", "1".repeat(52)), 307),
+            (&*format!("GET /log/{}-x.drv", "0".repeat(32)), 404),
+            ("GET /v1/version", 200),
+        ] {
+            let r = send(&gw, line, "", creds);
+            assert_eq!(r.status, status, "{line} (auth {with_auth}): {r:?}");
+        }
+        assert!(gw.bucket_requests() > before);
     }
-    assert_eq!(
-        gw.bucket_requests(),
-        before,
-        "a refused request reached the bucket"
-    );
-    // The same gateway does answer a good request (and that one reaches the bucket).
-    let auth = ("Authorization", "Basic YWxpY2U6cHc="); // alice:pw
-    let ok = request(gw.addr, "GET", "/nix-cache-info", &[auth]);
-    assert_eq!(ok.status, 200, "{ok:?}");
-    assert!(gw.bucket_requests() > before);
+}
+
+/// Every route and method asks for credentials when auth is on (all but /healthz and
+/// /metrics), in both delivery modes: none, a wrong password, an unknown user, a malformed
+/// header and a wrong token are 401 with `WWW-Authenticate` and never reach the bucket; a
+/// good password, a bearer token (any case of the scheme) and a token as a Basic password
+/// get each route's own answer.
+#[test]
+fn every_route_and_method_requires_auth() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let top = shared_top();
+    let bucket = s3.new_bucket("authall");
+    push(&s3, &bucket, None, top);
+    let h = hash_of(top);
+    let narinfo = String::from_utf8(s3.get(&bucket, &format!("{h}.narinfo"))).unwrap();
+    let nar = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let pw = htpasswd(tmp.path(), "alice", "correct-horse");
+    let token = "0123456789abcdef0123456789abcdef";
+    let tokens = tmp.path().join("tokens");
+    std::fs::write(&tokens, format!("# ci\n{token}\n")).unwrap();
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    let refused: Vec<(&str, Option<String>)> = vec![
+        ("none", None),
+        (
+            "wrong password",
+            Some(format!("Basic {}", b64("alice:wrong-horse"))),
+        ),
+        (
+            "unknown user",
+            Some(format!("Basic {}", b64("mallory:correct-horse"))),
+        ),
+        ("malformed", Some("Basic !!!".into())),
+        (
+            "wrong token",
+            Some("Bearer 0123456789abcdef0123456789abcdeX".into()),
+        ),
+    ];
+    let accepted: Vec<(&str, String)> = vec![
+        ("password", format!("Basic {}", b64("alice:correct-horse"))),
+        ("bearer token", format!("Bearer {token}")),
+        ("lower-case bearer", format!("bearer {token}")),
+        (
+            "token as password",
+            format!("Basic {}", b64(&format!("anyone:{token}"))),
+        ),
+    ];
+    for mode in ["redirect", "proxy"] {
+        let gw = gateway(
+            &s3,
+            &bucket,
+            &[
+                "--nar-delivery",
+                mode,
+                "--htpasswd",
+                pw.to_str().unwrap(),
+                "--tokens",
+                tokens.to_str().unwrap(),
+                "--auth-failures-per-minute",
+                "0",
+            ],
+        );
+        let nar_get = if mode == "redirect" { 307 } else { 200 };
+        // (path, GET status, HEAD status) once authenticated.
+        let routes: Vec<(String, u16, u16)> = vec![
+            ("/nix-cache-info".into(), 200, 200),
+            (format!("/{h}.narinfo"), 200, 200),
+            (format!("/{}.narinfo", "0".repeat(32)), 404, 404),
+            (format!("/{nar}"), nar_get, 200),
+            (format!("/{h}.ls"), 404, 404),
+            (format!("/log/{}-x.drv", "0".repeat(32)), 404, 404),
+            ("/v1/public-key".into(), 404, 404),
+            ("/v1/version".into(), 200, 200),
+        ];
+        for (path, get_status, head_status) in &routes {
+            for method in ["GET", "HEAD"] {
+                for (what, creds) in &refused {
+                    let before = gw.bucket_requests();
+                    let headers: Vec<(&str, &str)> = creds
+                        .as_deref()
+                        .map(|c| vec![("Authorization", c)])
+                        .unwrap_or_default();
+                    let r = request(gw.addr, method, path, &headers);
+                    assert_eq!(r.status, 401, "{mode} {method} {path} with {what}: {r:?}");
+                    assert!(
+                        r.header("www-authenticate")
+                            .is_some_and(|v| v.starts_with("Basic realm=")),
+                        "{mode} {method} {path} with {what}: {r:?}"
+                    );
+                    assert_eq!(
+                        gw.bucket_requests(),
+                        before,
+                        "{mode} {method} {path} with {what} reached the bucket"
+                    );
+                }
+                for (what, creds) in &accepted {
+                    let r = request(gw.addr, method, path, &[("Authorization", creds)]);
+                    let want = if method == "GET" {
+                        *get_status
+                    } else {
+                        *head_status
+                    };
+                    assert_eq!(r.status, want, "{mode} {method} {path} with {what}: {r:?}");
+                }
+            }
+        }
+        // The two routes without auth, and what /metrics shows of the cache: no names.
+        for method in ["GET", "HEAD"] {
+            assert_eq!(request(gw.addr, method, "/healthz", &[]).status, 200);
+            assert_eq!(request(gw.addr, method, "/metrics", &[]).status, 200);
+        }
+        let metrics = get(gw.addr, "/metrics").text();
+        assert!(metrics.contains("cachepush_gateway_auth_failures_total"));
+        for name in [h.as_str(), bucket.as_str(), nar.as_str()] {
+            assert!(!metrics.contains(name), "/metrics shows {name}");
+        }
+    }
 }
 
 #[test]

@@ -68,7 +68,8 @@ pub fn raw(addr: SocketAddr, raw: &[u8], head: bool) -> Reply {
             loop {
                 let mut size = String::new();
                 r.read_line(&mut size).unwrap();
-                let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                let n = usize::from_str_radix(size.trim(), 16)
+                    .unwrap_or_else(|_| panic!("bad chunk size line {size:?}"));
                 let mut chunk = vec![0; n + 2];
                 r.read_exact(&mut chunk).unwrap();
                 if n == 0 {
@@ -76,6 +77,10 @@ pub fn raw(addr: SocketAddr, raw: &[u8], head: bool) -> Reply {
                 }
                 body.extend_from_slice(&chunk[..n]);
             }
+        } else {
+            // Neither length nor chunks: the body runs to the end of the connection (every
+            // request here says `Connection: close` or is the last on its socket).
+            r.read_to_end(&mut body).unwrap();
         }
     }
     Reply {
