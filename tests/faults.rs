@@ -307,7 +307,7 @@ fn permanent_faults_fail_clearly_and_leave_a_consistent_cache() {
         "{j}"
     );
     assert!(
-        s3.open_uploads(&bucket).is_empty(),
+        s3.open_uploads(&bucket, "").is_empty(),
         "a failed multipart upload was left open"
     );
     assert_verified(&s3, &bucket, &pk, 1);
@@ -1024,7 +1024,7 @@ fn verify_detects_every_kind_of_damage() {
     );
     let (code, _) = caches[0].verify(&pk, &["--abort-open-uploads"]);
     assert!(code == 0 || code == 1, "{code}");
-    assert!(s3.open_uploads(bucket).is_empty());
+    assert!(s3.open_uploads(bucket, "").is_empty());
     let (code, problems) = caches[0].verify(&pk, &[]);
     assert_eq!((code, problems.len()), (0, 0), "{problems:?}");
 }

@@ -74,7 +74,7 @@ fn assert_consistent(s3: &S3, bucket: &str, prefix: &str) -> BTreeMap<String, Na
             );
         }
     }
-    let open = s3.open_uploads(bucket);
+    let open = s3.open_uploads(bucket, prefix);
     assert!(
         open.is_empty(),
         "{}: multipart uploads left open: {open:?}",
@@ -515,4 +515,56 @@ fn large_plans_list_the_bucket_and_agree_with_heads() {
             assert_consistent(&s3, &bucket, prefix);
         }
     }
+}
+
+/// The consistency check of these tests sees open uploads under its own cache only: a
+/// sibling test's upload in flight in the shared SeaweedFS bucket is not a leftover of
+/// this one, while an upload under its own prefix is.
+#[test]
+fn the_consistency_check_is_scoped_to_its_own_cache() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, _) = keygen(tmp.path(), "s3-test-1");
+    let (bucket, mine) = s3.new_public_cache("scoped");
+    let (_, theirs) = s3.new_public_cache("scoped");
+    run_ok(push_cmd(&s3, &bucket, &mine, &sk, &[]).arg(shared_top()));
+    let open = |prefix: &str| {
+        s3.block_on(
+            s3.client()
+                .create_multipart_upload()
+                .bucket(&bucket)
+                .key(format!("{prefix}/nar/in-flight.nar.zst"))
+                .send(),
+        )
+        .unwrap()
+        .upload_id()
+        .unwrap()
+        .to_owned()
+    };
+    let abort = |prefix: &str, id: &str| {
+        s3.block_on(
+            s3.client()
+                .abort_multipart_upload()
+                .bucket(&bucket)
+                .key(format!("{prefix}/nar/in-flight.nar.zst"))
+                .upload_id(id)
+                .send(),
+        )
+        .unwrap();
+    };
+    let id = open(&theirs);
+    assert_eq!(
+        assert_consistent(&s3, &bucket, &mine).len(),
+        closure_of(shared_top()).len()
+    );
+    abort(&theirs, &id);
+    let id = open(&mine);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_consistent(&s3, &bucket, &mine);
+    }));
+    abort(&mine, &id);
+    assert!(
+        caught.is_err(),
+        "an open upload under the cache's own prefix went unnoticed"
+    );
 }

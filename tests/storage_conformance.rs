@@ -218,7 +218,7 @@ fn s3_conforms(server: S3) {
             let b = S3Bucket::connect(cfg).await.unwrap();
             conformance(&b, &format!("{} prefix {prefix:?}", server.name)).await;
         });
-        let open = server.open_uploads(&bucket);
+        let open = server.open_uploads(&bucket, "");
         assert!(
             open.is_empty(),
             "{}: uploads left open: {open:?}",

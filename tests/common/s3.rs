@@ -173,8 +173,10 @@ impl S3 {
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
     }
 
-    /// Every key in the bucket under `prefix`.
+    /// Every key in the bucket under the folder `prefix` (`a` means `a/...`, never `ab/...`:
+    /// tests that share the SeaweedFS `public` bucket each have a prefix of their own).
     pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let prefix = folder(prefix);
         let mut out = Vec::new();
         let mut token = None;
         loop {
@@ -183,7 +185,7 @@ impl S3 {
                     self.client
                         .list_objects_v2()
                         .bucket(bucket)
-                        .prefix(prefix)
+                        .prefix(&prefix)
                         .set_continuation_token(token.take())
                         .send(),
                 )
@@ -247,14 +249,31 @@ impl S3 {
             .unwrap_or_else(|e| panic!("{}: DELETE {key}: {e:?}", self.name));
     }
 
-    /// Multipart uploads started and neither completed nor aborted.
-    pub fn open_uploads(&self, bucket: &str) -> Vec<String> {
+    /// Multipart uploads under the folder `prefix`, started and neither completed nor
+    /// aborted. Scoped to the prefix: another test's upload in flight in a shared bucket is
+    /// not this test's leftover.
+    pub fn open_uploads(&self, bucket: &str, prefix: &str) -> Vec<String> {
         let r = self
-            .block_on(self.client.list_multipart_uploads().bucket(bucket).send())
+            .block_on(
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(bucket)
+                    .prefix(folder(prefix))
+                    .send(),
+            )
             .unwrap_or_else(|e| panic!("{}: list uploads: {e:?}", self.name));
         r.uploads()
             .iter()
             .filter_map(|u| u.key().map(str::to_owned))
             .collect()
+    }
+}
+
+/// `a` → `a/`; empty stays empty (the whole bucket).
+fn folder(prefix: &str) -> String {
+    if prefix.is_empty() || prefix.ends_with('/') {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}/")
     }
 }
