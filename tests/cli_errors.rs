@@ -251,3 +251,156 @@ fn a_secret_key_readable_by_others_gets_a_warning() {
         "{err}"
     );
 }
+
+/// Bad URLs and flag values: exit 2, exactly one `error:` line naming the problem, and
+/// nothing written (the cache directory is not even created). The valid twin of the same
+/// command publishes.
+#[test]
+fn bad_urls_and_flags_exit_2_and_write_nothing() {
+    let s = setup();
+    let top = shared_top();
+    let cache = s.dir.join("cache");
+    let file_url = format!("file://{}", cache.display());
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--to".into(), "ftp://x".into()],
+            "\"ftp\" is not supported",
+        ),
+        (
+            vec!["--to".into(), "s3://?region=x".into()],
+            "names no bucket",
+        ),
+        (
+            vec!["--to".into(), format!("{file_url}?bogus=1")],
+            "unknown parameter \"bogus\"",
+        ),
+        (
+            vec![
+                "--to".into(),
+                file_url.clone(),
+                "--compression".into(),
+                "lz4".into(),
+            ],
+            "unknown compression \"lz4\"",
+        ),
+        (
+            vec![
+                "--to".into(),
+                file_url.clone(),
+                "--compression-level".into(),
+                "42".into(),
+            ],
+            "compression level 42",
+        ),
+        (
+            vec!["--to".into(), file_url.clone(), "-j".into(), "0".into()],
+            "--jobs",
+        ),
+        (
+            vec![
+                "--to".into(),
+                file_url.clone(),
+                "--part-size".into(),
+                "4".into(),
+            ],
+            "--part-size",
+        ),
+        (
+            vec![
+                "--to".into(),
+                file_url.clone(),
+                "--upstream".into(),
+                "notaurl".into(),
+            ],
+            "upstream cache URL \"notaurl\"",
+        ),
+    ];
+    for (args, needle) in &cases {
+        let o = cachepush()
+            .arg("copy")
+            .args(args)
+            .arg("--signing-key")
+            .arg(&s.good_key)
+            .arg(top)
+            .output()
+            .unwrap();
+        assert_one_error(&o, needle);
+        assert!(!cache.exists(), "{args:?} wrote {}", cache.display());
+    }
+    // `push URL` with no paths.
+    let o = cachepush().args(["push", &file_url]).output().unwrap();
+    assert_one_error(&o, "no store paths given");
+    assert!(!cache.exists());
+    // The twin: the same command, valid.
+    run_ok(
+        cachepush()
+            .args(["copy", "-q", "--to", &file_url, "--signing-key"])
+            .arg(&s.good_key)
+            .arg(top),
+    );
+    assert_eq!(narinfos(&cache).len(), closure_of(top).len());
+}
+
+/// Targets that cannot be written: exit 3 with one `error:` line saying why, and nothing
+/// in the bucket. The twin, the same push with the right settings, exits 0.
+#[test]
+fn unreachable_or_refused_targets_exit_3() {
+    use common::s3::S3;
+    let top = shared_top();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, _) = keygen(tmp.path(), "exit3-1");
+    let seaweed = S3::seaweedfs();
+    let ceph = S3::ceph();
+    let bucket = seaweed.new_bucket("exit3");
+    let run = |s3: &S3, url: String, env: &[(&str, &str)]| {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.args(["copy", "--read-timeout", "2", "--to", &url, "--signing-key"])
+            .arg(&sk)
+            .arg(top)
+            .output()
+            .unwrap()
+    };
+    let cases: Vec<(&str, Output, &str)> = vec![
+        (
+            "connection refused",
+            run(
+                &seaweed,
+                format!("s3://{bucket}?endpoint=http://127.0.0.1:9&region=us-east-1"),
+                &[],
+            ),
+            "cannot reach the endpoint",
+        ),
+        (
+            "wrong secret",
+            run(
+                &seaweed,
+                seaweed.url(&bucket, ""),
+                &[("AWS_SECRET_ACCESS_KEY", "not-the-secret-at-all")],
+            ),
+            "access denied",
+        ),
+        (
+            // SeaweedFS creates buckets on first write; Ceph says NoSuchBucket.
+            "no such bucket",
+            run(&ceph, ceph.url(&unique("no-such-bucket"), ""), &[]),
+            "NoSuchBucket",
+        ),
+    ];
+    for (what, o, needle) in &cases {
+        assert_eq!(o.status.code(), Some(3), "{what}: {}", stderr_of(o));
+        let errs = error_lines(o);
+        assert_eq!(errs.len(), 1, "{what}: {errs:?}");
+        assert!(errs[0].contains(needle), "{what}: {errs:?}");
+    }
+    assert!(
+        seaweed.keys(&bucket, "").is_empty(),
+        "something was written"
+    );
+    let ok = run(&seaweed, seaweed.url(&bucket, ""), &[]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr_of(&ok));
+    assert!(!seaweed.keys(&bucket, "").is_empty());
+}

@@ -454,10 +454,14 @@ fn github_actions_get_groups_and_annotations_on_stderr_never_the_key_and_a_clean
     assert!(stderr_of(&o).contains("::warning::"), "{}", stderr_of(&o));
     assert!(s3.keys(&bucket, "").is_empty());
     let o = fork(false);
-    assert!(
-        !o.status.success(),
-        "a push without credentials must fail unless told to skip"
+    // Without the switch: the target cannot be written (3), and the reason is named.
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "a push without credentials must fail unless told to skip: {}",
+        stderr_of(&o)
     );
+    assert!(stderr_of(&o).contains("credential"), "{}", stderr_of(&o));
     assert!(s3.keys(&bucket, "").is_empty());
     // The signing key alone can be what is missing.
     let mut c = cachepush();
