@@ -890,3 +890,101 @@ fn a_project_file_never_overrides_the_urls_own_endpoint() {
     assert!(o.status.success(), "{}", stderr_of(&o));
     assert_eq!(published(&s3, &bucket2, ""), hashes(&closure_of(top)));
 }
+
+/// Settings precedence, each layer peeled off in turn: flag > environment > project
+/// `cachepush.toml` > user `config.toml`, seen in what a push writes (which directory, which
+/// compression, which key signed).
+#[test]
+fn settings_precedence_flag_env_project_user() {
+    let tmp = tempfile::tempdir().unwrap();
+    let top = shared_top();
+    let one = closure_of(top)
+        .into_iter()
+        .find(|p| p != top)
+        .unwrap_or_else(|| top.to_path_buf());
+    let layers = ["user", "project", "env", "flag"];
+    let mut keys = Vec::new();
+    for l in layers {
+        let (sk, _) = keygen(tmp.path(), &format!("{l}-1"));
+        keys.push(sk);
+    }
+    let dir = |l: &str| tmp.path().join(format!("cache-{l}"));
+    let algo = |l: &str| match l {
+        "user" => "xz",
+        "project" => "none",
+        "env" => "zstd",
+        _ => "xz",
+    };
+    let home = tmp.path().join("home");
+    let project = tmp.path().join("project");
+    std::fs::create_dir_all(home.join(".config/cachepush")).unwrap();
+    std::fs::create_dir_all(&project).unwrap();
+    let file = |l: &str, k: &Path| {
+        format!(
+            "to = \"file://{}\"\nsigning-key-file = {:?}\ncompression = \"{}\"\n",
+            dir(l).display(),
+            k,
+            algo(l)
+        )
+    };
+    std::fs::write(
+        home.join(".config/cachepush/config.toml"),
+        file("user", &keys[0]),
+    )
+    .unwrap();
+    // What a push with the top `n` layers present writes, read back from its narinfo.
+    let push = |n: usize| -> (String, String, String) {
+        let present = &layers[..n];
+        if present.contains(&"project") {
+            std::fs::write(project.join("cachepush.toml"), file("project", &keys[1])).unwrap();
+        } else {
+            let _ = std::fs::remove_file(project.join("cachepush.toml"));
+        }
+        let mut c = cachepush();
+        c.current_dir(&project)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"));
+        if present.contains(&"env") {
+            c.env("CACHEPUSH_TO", format!("file://{}", dir("env").display()))
+                .env("CACHEPUSH_SIGNING_KEY_FILE", &keys[2])
+                .env("CACHEPUSH_COMPRESSION", algo("env"));
+        }
+        c.arg("push").arg("-q");
+        if present.contains(&"flag") {
+            // `push URL PATH...`: the URL is the command line's "flag".
+            c.arg(format!("file://{}", dir("flag").display()))
+                .arg("--signing-key")
+                .arg(&keys[3])
+                .args(["--compression", algo("flag")]);
+        }
+        run_ok(c.arg(&one));
+        let written: Vec<&str> = layers
+            .iter()
+            .copied()
+            .filter(|l| !narinfos(&dir(l)).is_empty())
+            .collect();
+        assert_eq!(written.len(), 1, "{n} layers wrote to {written:?}");
+        let text = std::fs::read_to_string(&narinfos(&dir(written[0]))[0]).unwrap();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("{text}"))
+                .to_owned()
+        };
+        let sig = field("Sig: ");
+        let out = (
+            written[0].to_owned(),
+            field("Compression: "),
+            sig.split(':').next().unwrap().to_owned(),
+        );
+        std::fs::remove_dir_all(dir(written[0])).unwrap();
+        out
+    };
+    for n in (1..=layers.len()).rev() {
+        let winner = layers[n - 1];
+        let (written, compression, key) = push(n);
+        assert_eq!(written, winner, "with {:?}", &layers[..n]);
+        assert_eq!(compression, algo(winner), "with {:?}", &layers[..n]);
+        assert_eq!(key, format!("{winner}-1"), "with {:?}", &layers[..n]);
+    }
+}
