@@ -535,7 +535,9 @@ fn the_plan_listing_answers_for_slow_heads_and_a_refused_listing_changes_nothing
         method: "HEAD",
         target: ".narinfo",
         times: usize::MAX,
-        fault: Fault::Stall(Duration::from_millis(500)),
+        // Long enough that the first listing page comes back well before any HEAD does,
+        // even on a loaded machine: only the first wave of HEADs may start.
+        fault: Fault::Stall(Duration::from_secs(5)),
     });
     let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
     assert!(o.status.success(), "{}", stderr_of(&o));
@@ -610,8 +612,7 @@ fn watch_store_retries_paths_whose_push_failed() {
     proxy.add(narinfo_puts_refused(usize::MAX));
     let mut c = cachepush();
     s3.creds(&mut c);
-    let watcher = c
-        .arg("watch-store")
+    c.arg("watch-store")
         .arg("--to")
         .arg(s3.url(&bucket, ""))
         .arg("--endpoint")
@@ -620,20 +621,13 @@ fn watch_store_retries_paths_whose_push_failed() {
         .arg(&sk)
         .arg("--queue")
         .arg(tmp.path().join("queue"))
-        .args(["--interval", "0.3"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+        .args(["--interval", "0.3"]);
+    let mut watcher = Logged::spawn(c);
+    watcher.wait_for("watching the store", Duration::from_secs(60));
     let top = build("", &unique("watch-retry"));
     let want = hashes_of(&closure_of(&top));
-    // Rounds fail while the bucket refuses narinfos.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy.injected() == 0 {
-        assert!(Instant::now() < deadline, "watch-store never tried to push");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    // Rounds fail while the bucket refuses narinfos, and their paths are kept for later.
+    watcher.wait_for("will be pushed again", Duration::from_secs(60));
     assert!(narinfos_in(&s3, &bucket).is_disjoint(&want));
     proxy.clear();
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -644,14 +638,8 @@ fn watch_store_retries_paths_whose_push_failed() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    sigterm(watcher.id());
-    let out = watcher.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    assert!(
-        stderr_of(&out).contains("will be pushed again"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert!(proxy.injected() > 0);
+    assert!(watcher.stop().success(), "{}", watcher.text());
     let (code, report) = verify(&s3, &bucket, &pk);
     assert_eq!(code, 0, "{report}");
 }

@@ -812,20 +812,18 @@ fn watch_store_publishes_new_store_paths_until_stopped() {
     let old = hashes(&[shared_top().to_path_buf()]);
     let mut c = cachepush();
     s3.creds(&mut c);
-    let mut watcher = c
-        .arg("watch-store")
+    c.arg("watch-store")
         .arg("--to")
         .arg(s3.url(&bucket, ""))
         .arg("--signing-key")
         .arg(&sk)
         .arg("--queue")
         .arg(tmp.path().join("queue"))
-        .args(["--interval", "0.3"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Give it time to take its snapshot of the store: only later paths are its business.
-    std::thread::sleep(Duration::from_millis(800));
+        .args(["--interval", "0.3"]);
+    let mut watcher = Logged::spawn(c);
+    // Its snapshot of the store is taken before it says it is watching: only later paths
+    // are its business.
+    watcher.wait_for("watching the store", Duration::from_secs(60));
     let top = build("", &unique("watch-store"));
     let want = hashes(&closure_of(&top));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -838,12 +836,7 @@ fn watch_store_publishes_new_store_paths_until_stopped() {
     }
     // What was in the store before it started is left alone.
     assert!(published(&s3, &bucket, "").is_disjoint(&old));
-    run_ok(
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(watcher.id().to_string()),
-    );
-    assert!(watcher.wait().unwrap().success());
+    assert!(watcher.stop().success(), "{}", watcher.text());
 }
 
 /// Security review L9: a `cachepush.toml` found in a checkout fills in what the command

@@ -447,7 +447,9 @@ where
                 .get("retry-after")
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            c.transient = status >= 500
+            // 501 NotImplemented is a server without an optional API: asking again
+            // changes nothing.
+            c.transient = (status >= 500 && status != 501 && code != "NotImplemented")
                 || status == 429
                 || matches!(
                     code,
@@ -1198,5 +1200,139 @@ impl Staged for S3Staged {
         if let S3Staged::Multi(mp) = self {
             mp.abort().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::error::ErrorMetadata;
+    use aws_sdk_s3::operation::get_object::GetObjectError;
+    use aws_smithy_runtime_api::http::StatusCode;
+    use aws_smithy_types::body::SdkBody;
+
+    /// An S3 error answer as the SDK hands it over: status, error code (none for a HEAD,
+    /// which has no body) and headers.
+    fn answer(status: u16, code: &str, headers: &[(&str, &str)]) -> Classified {
+        let mut raw = HttpResponse::new(StatusCode::try_from(status).unwrap(), SdkBody::empty());
+        for (k, v) in headers {
+            raw.headers_mut().insert(k.to_string(), v.to_string());
+        }
+        let mut meta = ErrorMetadata::builder().message("from the server");
+        if !code.is_empty() {
+            meta = meta.code(code);
+        }
+        let err: SdkError<GetObjectError, HttpResponse> =
+            SdkError::service_error(GetObjectError::generic(meta.build()), raw);
+        classify(&err)
+    }
+
+    #[test]
+    fn absent_means_no_such_key_or_a_bare_404_and_nothing_else() {
+        for (code, absent) in [
+            ("NoSuchKey", true),
+            ("NotFound", true),
+            ("", true),
+            ("NoSuchBucket", false),
+            ("NoSuchUpload", false),
+            ("NoSuchLifecycleConfiguration", false),
+        ] {
+            let c = answer(404, code, &[]);
+            assert_eq!(c.not_found, absent, "404 {code:?}");
+            assert!(!c.transient, "404 {code:?}");
+        }
+        assert!(answer(404, "NoSuchUpload", &[]).no_such_upload);
+        let bucket = answer(404, "NoSuchBucket", &[]);
+        assert!(
+            bucket.message.contains("check the bucket name"),
+            "{}",
+            bucket.message
+        );
+        assert!(matches!(
+            to_error("GET", "x.narinfo", bucket),
+            StorageError::Remote {
+                transient: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn throttling_and_server_errors_are_retried_with_the_servers_pause() {
+        // AWS, Ceph and MinIO say SlowDown/503; B2 and R2 say 429 or 503; GCS-style
+        // gateways say 500 InternalError; a slow upload is 400 RequestTimeout.
+        for (status, code) in [
+            (503, "SlowDown"),
+            (503, "ServiceUnavailable"),
+            (429, "TooManyRequests"),
+            (429, ""),
+            (500, "InternalError"),
+            (502, ""),
+            (400, "RequestTimeout"),
+            (400, "Throttling"),
+            (400, "ThrottlingException"),
+        ] {
+            let c = answer(status, code, &[]);
+            assert!(c.transient, "{status} {code:?}");
+            assert!(!c.not_found && !c.denied, "{status} {code:?}");
+        }
+        let c = answer(503, "SlowDown", &[("retry-after", "7")]);
+        assert_eq!(c.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(
+            answer(503, "SlowDown", &[("retry-after", "soon")]).retry_after,
+            None
+        );
+    }
+
+    #[test]
+    fn denials_preconditions_and_missing_features_are_final() {
+        for (status, code) in [(403, "AccessDenied"), (403, "ExpiredToken"), (401, "")] {
+            let c = answer(status, code, &[]);
+            assert!(c.denied && !c.transient, "{status} {code:?}");
+            assert!(matches!(
+                to_error("PUT", "k", c),
+                StorageError::Denied { .. }
+            ));
+        }
+        let c = answer(412, "PreconditionFailed", &[]);
+        assert!(c.precondition && !c.transient);
+        // A server without an optional API: a definite answer, not an outage to retry.
+        let c = answer(501, "NotImplemented", &[]);
+        assert!(!c.transient && !c.not_found && !c.denied);
+        assert!(
+            c.message.contains("HTTP 501 NotImplemented"),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn a_wrong_clock_is_named_whether_or_not_there_is_a_body() {
+        let c = answer(403, "RequestTimeTooSkewed", &[]);
+        assert!(
+            c.message.contains("the system clock is off"),
+            "{}",
+            c.message
+        );
+        // A HEAD's 403 has no code: the server's Date tells.
+        let c = answer(403, "", &[("date", "Mon, 01 Jan 2001 00:00:00 GMT")]);
+        assert!(c.message.contains("clock"), "{}", c.message);
+        let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now())
+            .fmt(aws_smithy_types::date_time::Format::HttpDate)
+            .unwrap();
+        let c = answer(403, "", &[("date", &now)]);
+        assert!(!c.message.contains("clock"), "{}", c.message);
+    }
+
+    #[test]
+    fn no_answer_at_all_is_unreachable_and_retried() {
+        let err: SdkError<GetObjectError, HttpResponse> =
+            SdkError::timeout_error("operation timed out");
+        let c = classify(&err);
+        assert!(c.unreachable && c.timeout && c.transient);
+        assert!(matches!(
+            to_error("GET", "k", c),
+            StorageError::Unavailable { timeout: true, .. }
+        ));
     }
 }

@@ -175,14 +175,15 @@ impl Gateway {
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
-        for _ in 0..100 {
+        // Longer than the gateway's own 30 s grace for connections in flight.
+        for _ in 0..350 {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return s;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = self.child.kill();
-        panic!("the gateway did not stop within 10 s of SIGTERM");
+        panic!("the gateway did not stop within 35 s of SIGTERM");
     }
 }
 

@@ -195,3 +195,67 @@ pub fn stderr_of(o: &Output) -> String {
 pub fn sigterm(pid: u32) {
     run_ok(Command::new("kill").arg("-TERM").arg(pid.to_string()));
 }
+
+/// A long-running cachepush (a watcher) whose stderr is collected as it comes, so that a
+/// test can wait for what it says instead of sleeping and hoping.
+pub struct Logged {
+    pub child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Logged {
+    pub fn spawn(mut cmd: Command) -> Logged {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start cachepush");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Logged { child, log }
+    }
+
+    pub fn text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr contains `needle`; panics with the log after `within`.
+    pub fn wait_for(&self, needle: &str, within: std::time::Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while !self.text().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} within {within:?}:\n{}",
+                self.text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        sigterm(self.child.id());
+        self.child.wait().expect("wait for cachepush")
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
