@@ -981,3 +981,122 @@ fn settings_precedence_flag_env_project_user() {
         assert_eq!(key, format!("{winner}-1"), "with {:?}", &layers[..n]);
     }
 }
+
+/// Neither the signing key (its text or its seed) nor the bucket's secret key appears in
+/// anything cachepush prints: pushes (plain, -v, --json, failing), watch-exec, verify, and
+/// the gateway's log in both delivery modes, error paths included.
+#[test]
+fn no_secret_reaches_any_output() {
+    use base64::Engine;
+    use common::http::{Gateway, get, request};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "secret-1");
+    let key_text = std::fs::read_to_string(&sk).unwrap();
+    let secret_b64 = key_text.trim().split_once(':').unwrap().1.to_owned();
+    let seed_b64 = b64.encode(&b64.decode(&secret_b64).unwrap()[..32]);
+    let aws_secret = s3.secret_key.clone();
+    let top = shared_top();
+    let bucket = s3.new_bucket("secrets");
+    let mut seen = String::new();
+    let mut run = |mut c: Command| {
+        let o = c.output().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&o.stdout));
+        seen.push_str(&String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    let push = |extra: &[&str], env: &[(&str, &str)], url: &str| {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        c.env("CACHEPUSH_SIGNING_KEY", &key_text)
+            .args(["copy", "--to", url])
+            .args(extra)
+            .arg(top);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    };
+    let url = s3.url(&bucket, "");
+    assert!(run(push(&["-v"], &[], &url)).status.success());
+    assert!(
+        run(push(&["--json"], &[("GITHUB_ACTIONS", "true")], &url))
+            .status
+            .success()
+    );
+    assert!(run(push(&["-v", "--repair"], &[], &url)).status.success());
+    // Failing: a secret that does not match, and a server that is not there.
+    let other = s3.new_bucket("secrets2");
+    assert!(
+        !run(push(
+            &["-v"],
+            &[("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")],
+            &s3.url(&other, "")
+        ))
+        .status
+        .success()
+    );
+    assert!(
+        !run(push(
+            &["-v", "--read-timeout", "1"],
+            &[],
+            &format!("s3://{other}?endpoint=http://127.0.0.1:9&region=us-east-1")
+        ))
+        .status
+        .success()
+    );
+    // A bad key given in the environment: the error names the problem, not the text.
+    let mut c = push(&[], &[], &url);
+    c.env("CACHEPUSH_SIGNING_KEY", format!("{}x", key_text.trim()));
+    assert_eq!(run(c).status.code(), Some(2));
+    // watch-exec and verify.
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    c.env("CACHEPUSH_SIGNING_KEY", &key_text).args([
+        "watch-exec",
+        "-v",
+        "--to",
+        &url,
+        "--",
+        "true",
+    ]);
+    assert!(run(c).status.success());
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    c.args(["verify", "--full", "--trusted-key", &pk, &url]);
+    assert!(run(c).status.success());
+    // The gateway, both modes, good and failing requests.
+    for mode in ["redirect", "proxy"] {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        c.args(["gateway", "--from", &url, "--listen", "127.0.0.1:0"])
+            .args(["--nar-delivery", mode]);
+        let mut gw = Gateway::start(c);
+        let h = &top.file_name().unwrap().to_str().unwrap()[..32];
+        let r = get(gw.addr, &format!("/{h}.narinfo"));
+        assert_eq!(r.status, 200);
+        let nar = r
+            .text()
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_owned();
+        let _ = get(gw.addr, &format!("/{nar}"));
+        let _ = request(gw.addr, "HEAD", &format!("/{nar}"), &[]);
+        let _ = get(gw.addr, &format!("/{}.narinfo", "0".repeat(32)));
+        let _ = get(gw.addr, "/healthz");
+        gw.terminate();
+        let log = gw.log_text();
+        assert!(!log.contains("X-Amz-Signature"), "{mode}: {log}");
+        seen.push_str(&log);
+    }
+    for (what, secret) in [
+        ("the signing key", secret_b64.as_str()),
+        ("the signing key's seed", seed_b64.as_str()),
+        ("the bucket's secret key", aws_secret.as_str()),
+    ] {
+        assert!(!seen.contains(secret), "{what} was printed:\n{seen}");
+    }
+    assert!(seen.len() > 1000, "the runs printed almost nothing: {seen}");
+}

@@ -17,7 +17,7 @@ pub struct S3 {
     pub name: &'static str,
     pub endpoint: String,
     access_key: String,
-    secret_key: String,
+    pub secret_key: String,
     client: Client,
     rt: tokio::runtime::Runtime,
 }
