@@ -368,4 +368,43 @@ Sig: test-1:Z11f4c7BozoGRFEhMGhtFmnYd6YykBTUGlqGQuA2ylCuk4nXNHguuNDNEbX1PNT97/gG
         ni.nar_size += 1;
         assert!(!ni.is_signed_by_any(&[key.public()]));
     }
+
+    #[test]
+    fn signatures_verify_only_with_the_right_key_over_the_right_fields() {
+        let trusted = SecretKey::generate("cache-1").unwrap();
+        // Same name, other bytes: what a forger without the key would make.
+        let impostor = SecretKey::generate("cache-1").unwrap();
+        let stranger = SecretKey::generate("other-1").unwrap();
+        let base = NarInfo::parse(SAMPLE).unwrap();
+        let signed_by = |keys: &[&SecretKey]| {
+            let mut ni = base.clone();
+            ni.sigs.clear();
+            for k in keys {
+                // sign() replaces a signature of the same name; push to keep both.
+                ni.sigs.push(k.sign(&ni.fingerprint()));
+            }
+            ni
+        };
+        let pk = [trusted.public()];
+        assert!(signed_by(&[&trusted]).is_signed_by_any(&pk));
+        assert!(
+            !signed_by(&[&impostor]).is_signed_by_any(&pk),
+            "same name, other key"
+        );
+        // A bogus signature first does not hide a valid one after it...
+        assert!(signed_by(&[&impostor, &trusted]).is_signed_by_any(&pk));
+        // ...and a valid signature by an untrusted key does not vouch for anything.
+        assert!(!signed_by(&[&stranger, &impostor]).is_signed_by_any(&pk));
+        // The fingerprint covers the references: changing them voids the signature.
+        let mut refs = signed_by(&[&trusted]);
+        refs.references.pop();
+        assert!(!refs.is_signed_by_any(&pk));
+        // And the store path.
+        let mut path = signed_by(&[&trusted]);
+        path.store_path = base.references[0].clone();
+        assert!(!path.is_signed_by_any(&pk));
+        // A Sig: whose base64 is the wrong length is refused when parsed.
+        let bad = SAMPLE.replace("\nSig: ", "\nSig: cache-1:AAAA\nSig: ");
+        assert!(NarInfo::parse(&bad).is_err());
+    }
 }

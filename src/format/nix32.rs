@@ -99,15 +99,31 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_all_lengths() {
-        for len in 0..40usize {
+    fn encoded_lengths_for_every_input_length() {
+        for len in 0..70usize {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
-            let s = encode(&bytes);
-            assert_eq!(s.len(), encoded_len(len));
-            if len == 20 {
-                assert_eq!(decode_exact::<20>(&s).unwrap().to_vec(), bytes);
-            }
+            assert_eq!(encode(&bytes).len(), encoded_len(len), "{len}");
         }
+    }
+
+    /// Every width Nix decodes (store-path hashes, SHA-256, signatures' 64 bytes), on
+    /// several byte patterns each.
+    #[test]
+    fn round_trip_every_decoded_width() {
+        fn check<const N: usize>() {
+            for seed in [0usize, 1, 37, 255] {
+                let bytes: [u8; N] = std::array::from_fn(|i| (i * 37 + seed) as u8);
+                assert_eq!(
+                    decode_exact::<N>(&encode(&bytes)).unwrap(),
+                    bytes,
+                    "{N}/{seed}"
+                );
+            }
+            assert_eq!(decode_exact::<N>(&encode(&[0xff; N])).unwrap(), [0xff; N]);
+        }
+        check::<20>();
+        check::<32>();
+        check::<64>();
     }
 
     #[test]
