@@ -19,6 +19,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -258,7 +259,11 @@ def wrk(url, conns, secs, headers=()):
         cmd += ["-H", h]
     r = run(cmd + [url])
     out = r.stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if not m or not total:
+        raise SystemExit(f"wrk printed no request rate for {url}:\n{out}")
+    rps = float(m.group(1))
     lat = {}
     for pct in ("50", "99"):
         m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)\b", out)
@@ -268,20 +273,35 @@ def wrk(url, conns, secs, headers=()):
     mbps = float(tm.group(1)) * {"B": 1e-6, "KB": 1.024e-3, "MB": 1.048576, "GB": 1073.741824}[tm.group(2)] if tm else None
     codes = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": rps, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"), "MBps": mbps,
-            "non_2xx_3xx": int(codes.group(1)) if codes else 0}
+            "requests": int(total.group(1)), "non_2xx_3xx": int(codes.group(1)) if codes else 0}
 
 
-def gateway(server, bucket, port, extra, prefix=""):
+def expect(name, r, errors):
+    """A benchmark of error answers measures nothing: `errors` is "none" (every answer 2xx
+    or 3xx) or "all" (every answer an error, e.g. the 404s of a miss)."""
+    want = 0 if errors == "none" else r["requests"]
+    if r["requests"] == 0 or r["non_2xx_3xx"] != want:
+        raise SystemExit(f"{name}: {r['non_2xx_3xx']} of {r['requests']} answers were errors, "
+                         f"expected {'none' if errors == 'none' else 'all'}")
+    return r
+
+
+def gateway(server, bucket, extra, prefix=""):
+    """Starts a gateway on a free port (never a fixed one: a stale gateway left on it would
+    be measured instead) and returns (process, port), read from its "listening on" line."""
     url = f"s3://{bucket}{'/' + prefix if prefix else ''}?endpoint={ENDPOINT}&region=us-east-1"
-    p = subprocess.Popen([str(CP), "gateway", "--from", url, "--listen", f"127.0.0.1:{port}", "-q"] + extra,
-                         env=server.env(), stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        r = subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/healthz"])
-        if r.returncode == 0:
-            return p
-        time.sleep(0.1)
+    p = subprocess.Popen([str(CP), "gateway", "--from", url, "--listen", "127.0.0.1:0", "-q"] + extra,
+                         env=server.env(), stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            # Keep draining its log so that it never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
+            return p, int(m.group(1))
     p.kill()
-    raise SystemExit("the gateway did not start")
+    raise SystemExit("the gateway did not start:\n" + "".join(seen))
 
 
 def gateway_bench(server, key, w1_bucket, w1_paths, w2_paths, secs):
@@ -292,28 +312,32 @@ def gateway_bench(server, key, w1_bucket, w1_paths, w2_paths, secs):
     htfile = WORK / "htpasswd"
     run(["bash", "-c", f"printf %s '{pw}' | htpasswd -niB bench > {htfile}"])
     auth = "Authorization: Basic " + base64.b64encode(f"bench:{pw}".encode()).decode()
-    g = gateway(server, w1_bucket, 9481, [])
-    ga = gateway(server, w1_bucket, 9482, ["--htpasswd", str(htfile)])
+    g, g_port = gateway(server, w1_bucket, [])
+    ga, ga_port = gateway(server, w1_bucket, ["--htpasswd", str(htfile)])
     try:
-        for name, port, hdr in (("no auth", 9481, ()), ("basic auth", 9482, (auth,))):
-            for what, path in (("hit", hit), ("miss", miss)):
+        for name, port, hdr in (("no auth", g_port, ()), ("basic auth", ga_port, (auth,))):
+            for what, path, errors in (("hit", hit, "none"), ("miss", miss, "all")):
                 for c in (1, 64):
                     wrk(f"http://127.0.0.1:{port}{path}", c, 1, hdr)  # warm the caches
-                    res[f"narinfo {what}, {name}, c={c}"] = wrk(f"http://127.0.0.1:{port}{path}", c, secs, hdr)
+                    label = f"narinfo {what}, {name}, c={c}"
+                    res[label] = expect(label, wrk(f"http://127.0.0.1:{port}{path}", c, secs, hdr), errors)
     finally:
         g.kill(), ga.kill()
     # NAR throughput: the W2 NAR from a public-read bucket directly, and through the gateway.
     prefix = f"w2-{os.getpid()}"
     cachepush_push(server, "public", key, w2_paths, prefix=prefix)
     nar = next(k for k in list_keys(server, "public", prefix) if "/nar/" in k)
-    gp = gateway(server, "public", 9483, ["--nar-delivery", "proxy"], prefix=prefix)
-    gr = gateway(server, "public", 9484, ["--nar-delivery", "redirect"], prefix=prefix)
+    gp, gp_port = gateway(server, "public", ["--nar-delivery", "proxy"], prefix=prefix)
+    gr, gr_port = gateway(server, "public", ["--nar-delivery", "redirect"], prefix=prefix)
     try:
         rel = nar[len(prefix) + 1:]
         for c in (1, 16):
-            res[f"NAR direct GET from SeaweedFS, c={c}"] = wrk(f"{ENDPOINT}/public/{nar}", c, secs)
-            res[f"NAR through gateway (proxy), c={c}"] = wrk(f"http://127.0.0.1:9483/{rel}", c, secs)
-        res["NAR redirects (307), c=64"] = wrk(f"http://127.0.0.1:9484/{rel}", 64, secs)
+            label = f"NAR direct GET from SeaweedFS, c={c}"
+            res[label] = expect(label, wrk(f"{ENDPOINT}/public/{nar}", c, secs), "none")
+            label = f"NAR through gateway (proxy), c={c}"
+            res[label] = expect(label, wrk(f"http://127.0.0.1:{gp_port}/{rel}", c, secs), "none")
+        label = "NAR redirects (307), c=64"
+        res[label] = expect(label, wrk(f"http://127.0.0.1:{gr_port}/{rel}", 64, secs), "none")
     finally:
         gp.kill(), gr.kill()
     return res

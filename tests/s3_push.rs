@@ -115,6 +115,8 @@ fn layout_headers_no_op_repush_and_nix_substitutes_over_http() {
         assert_eq!(j["pushed"], closure.len(), "{}: {j}", s3.name);
         assert_eq!(j["failed"], 0, "{}: {j}", s3.name);
         assert!(j["requests"]["put"].as_u64().unwrap() >= closure.len() as u64);
+        // Under 100 paths the plan asks with HEADs only: a listing would cost more.
+        assert_eq!(j["requests"]["list"], 0, "{}: {j}", s3.name);
 
         // Layout and headers, as Nix's own stores write them.
         let infos = assert_consistent(&s3, &bucket, &prefix);

@@ -267,6 +267,12 @@ mod tests {
             let (heads, pages) = (fake.heads.into_inner(), fake.pages.into_inner());
             assert!(heads + pages > 0);
             assert!(heads <= closure.len(), "{heads} HEADs");
+            // Never many more requests than HEADs alone would cost.
+            assert!(
+                heads + pages <= closure.len() + 2,
+                "page {page}: {heads} HEADs + {pages} pages for {} paths",
+                closure.len()
+            );
         }
     }
 
@@ -287,6 +293,25 @@ mod tests {
         assert_eq!(got, truth(&fake, &closure));
         assert_eq!(fake.heads.load(Ordering::SeqCst), 2000);
         assert_eq!(fake.pages.load(Ordering::SeqCst), 0);
+    }
+
+    /// A closure whose keys sort far above everything stored: the listing has nothing to
+    /// say about them until its end, so the HEADs answer and the listing stops with them.
+    #[tokio::test]
+    async fn a_closure_sorting_after_a_large_bucket_does_not_walk_the_bucket() {
+        let closure: Vec<String> = (0..300).map(|i| format!("z{:031}.narinfo", i)).collect();
+        let fake = Fake::new((0..20_000).map(key), 50);
+        let (got, err) = fake.run(&closure, true).await;
+        assert!(err.is_none());
+        assert_eq!(got, truth(&fake, &closure));
+        let (heads, pages) = (fake.heads.into_inner(), fake.pages.into_inner());
+        assert!(heads <= closure.len(), "{heads} HEADs");
+        // The listing runs beside the HEADs and stops when they are done: at most about a
+        // page per wave of 8 HEADs, never the bucket's 400 pages.
+        assert!(
+            pages <= closure.len() / 8 + 2,
+            "{pages} pages of a 400-page bucket listed for 300 paths"
+        );
     }
 
     #[tokio::test]
