@@ -143,18 +143,36 @@ fn nix_substitutes_from_a_private_bucket_through_the_gateway_with_netrc() {
             );
             let none = nix_via(&url, &d("none"), top, &pk, None);
             assert!(!none.status.success(), "{}/{mode}: no credentials", s3.name);
+            // Nix's word for a nix-cache-info it may not read.
+            assert!(
+                stderr_of(&none).contains("does not appear to be a binary cache"),
+                "{}/{mode}: no credentials: {}",
+                s3.name,
+                stderr_of(&none)
+            );
             let wrong = nix_via(&url, &d("wrong"), top, &pk, Some(&bad));
             assert!(
                 !wrong.status.success(),
                 "{}/{mode}: wrong password",
                 s3.name
             );
-            assert!(gw.log_text().contains(" 401 "), "{}", gw.log_text());
+            assert!(
+                stderr_of(&wrong).contains("does not appear to be a binary cache"),
+                "{}/{mode}: wrong password: {}",
+                s3.name,
+                stderr_of(&wrong)
+            );
             let untrusted = nix_via(&url, &d("untrusted"), top, &other_pk, Some(&good));
             assert!(
                 !untrusted.status.success(),
                 "{}/{mode}: untrusted key",
                 s3.name
+            );
+            assert!(
+                stderr_of(&untrusted).contains("lacks a valid signature"),
+                "{}/{mode}: untrusted key refused for another reason: {}",
+                s3.name,
+                stderr_of(&untrusted)
             );
 
             let ok = nix_via(&url, &d("ok"), top, &pk, Some(&good));

@@ -155,6 +155,11 @@ fn keys_work_both_ways_with_nix() {
         !unsigned.status.success(),
         "an unsigned cache must be refused"
     );
+    assert!(
+        stderr_of(&unsigned).contains("lacks a valid signature"),
+        "refused for another reason: {}",
+        stderr_of(&unsigned)
+    );
     run_ok(
         nix()
             .args(["store", "sign", "--recursive", "--key-file"])

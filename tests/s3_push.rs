@@ -161,6 +161,12 @@ fn layout_headers_no_op_repush_and_nix_substitutes_over_http() {
             "{}: Nix accepted an untrusted key",
             s3.name
         );
+        assert!(
+            stderr_of(&bad).contains("lacks a valid signature"),
+            "{}: refused for another reason: {}",
+            s3.name,
+            stderr_of(&bad)
+        );
 
         // A second push finds everything and writes nothing.
         let again = run_ok(push_cmd(&s3, &bucket, &prefix, &sk, &[]).arg(top));
