@@ -167,6 +167,7 @@ fn transient_faults_are_retried_and_the_cache_is_whole() {
         let top = big(&unique("transient"));
         let bucket = s3.new_bucket("transient");
         proxy.clear();
+        proxy.clear_log();
         let before = proxy.injected();
         for r in rules {
             proxy.add(r);
@@ -195,6 +196,7 @@ fn transient_faults_are_retried_and_the_cache_is_whole() {
             "{name}: {j}"
         );
         assert_verified(&s3, &bucket, &pk, 3);
+        assert_publish_order(&s3, &bucket, &proxy.log());
     }
 }
 
@@ -1021,4 +1023,143 @@ fn verify_detects_every_kind_of_damage() {
     assert!(s3.open_uploads(bucket, "").is_empty());
     let (code, problems) = caches[0].verify(&pk, &[]);
     assert_eq!((code, problems.len()), (0, 0), "{problems:?}");
+}
+
+/// From the proxy's log: every narinfo PUT that succeeded started only after its NAR was
+/// stored (a 2xx PUT, or a 2xx CompleteMultipartUpload) and after every referenced
+/// narinfo's PUT succeeded. This is what "a narinfo is never published before what it
+/// points at" means on the wire.
+fn assert_publish_order(s3: &S3, bucket: &str, log: &[common::fault::Logged]) {
+    let done = |pred: &dyn Fn(&common::fault::Logged) -> bool| {
+        log.iter()
+            .filter(|l| l.ok() && pred(l))
+            .map(|l| l.ended)
+            .min()
+    };
+    let mut checked = 0;
+    let path = |l: &common::fault::Logged| l.target.split('?').next().unwrap().to_owned();
+    for put in log
+        .iter()
+        .filter(|l| l.ok() && l.method == "PUT" && path(l).ends_with(".narinfo"))
+    {
+        let put_path = path(put);
+        let key = put_path.rsplit('/').next().unwrap();
+        let text = String::from_utf8(s3.get(bucket, key)).unwrap();
+        let url = text
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap()
+            .to_owned();
+        let nar_stored = done(&|l: &common::fault::Logged| {
+            path(l).ends_with(&url)
+                && (l.method == "PUT" && !l.target.contains("partNumber=")
+                    || l.method == "POST" && l.target.contains("uploadId="))
+        })
+        .unwrap_or_else(|| panic!("{key}: no successful write of its NAR {url} in the log"));
+        assert!(
+            put.started >= nar_stored,
+            "{key} was PUT before its NAR {url} was stored"
+        );
+        let refs = text
+            .lines()
+            .find_map(|l| l.strip_prefix("References: "))
+            .unwrap_or("");
+        for r in refs.split_whitespace() {
+            let rkey = format!("{}.narinfo", &r[..32]);
+            if rkey == key {
+                continue;
+            }
+            if let Some(ref_done) = done(&|l: &common::fault::Logged| {
+                l.method == "PUT" && path(l).ends_with(&format!("/{rkey}"))
+            }) {
+                assert!(
+                    put.started >= ref_done,
+                    "{key} was PUT before its reference {rkey}"
+                );
+            } else {
+                // Not written by this push: it must have been there already.
+                assert!(
+                    s3.head(bucket, &rkey).is_some(),
+                    "{key} refers to missing {rkey}"
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no narinfo PUT in the log to check");
+}
+
+/// A narinfo PUT refused for good fails its path and, transitively, every path that
+/// refers to it, however indirectly (top refers to big, big to small; top not to small);
+/// nothing of theirs is published; the same command finishes once the fault is gone, and
+/// the wire shows every narinfo written after its NAR and its references.
+#[test]
+fn a_failed_narinfo_fails_its_dependents_transitively() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let salt = unique("transitive3");
+    let build_attr = |attr: &str| {
+        let mut c = Command::new("nix-build");
+        c.arg(fixture("big.nix")).args([
+            "--no-out-link",
+            "--argstr",
+            "salt",
+            &salt,
+            "--argstr",
+            "mib",
+            "1",
+        ]);
+        if !attr.is_empty() {
+            c.args(["-A", attr]);
+        }
+        PathBuf::from(stdout(&run_ok(c.args(["--option", "substituters", ""]))))
+    };
+    let top = build_attr("");
+    let small = build_attr("small");
+    let closure = closure_of(&top);
+    assert_eq!(closure.len(), 3, "{closure:?}");
+    let small_key: &'static str = Box::leak(
+        format!(
+            "{}.narinfo",
+            &small.file_name().unwrap().to_str().unwrap()[..32]
+        )
+        .into_boxed_str(),
+    );
+    let bucket = s3.new_bucket("transitive");
+    proxy.add(Rule {
+        method: "PUT",
+        target: small_key,
+        times: usize::MAX,
+        fault: Fault::Status(403, "AccessDenied", None),
+    });
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let j = json(&o);
+    assert_eq!(j["failed"], 3, "{j}");
+    assert_eq!(j["pushed"], 0, "{j}");
+    let failures = j["failures"].to_string();
+    assert!(
+        failures.contains("-big") && failures.contains("-big-top") && failures.contains("-small"),
+        "{failures}"
+    );
+    assert!(
+        s3.keys(&bucket, "")
+            .iter()
+            .all(|k| !k.ends_with(".narinfo")),
+        "{:?}",
+        s3.keys(&bucket, "")
+    );
+    let (code, v) = verify(&s3, &bucket, &pk);
+    assert_eq!((code, v["narinfos"].as_u64()), (0, Some(0)), "{v}");
+
+    // The fault gone, the same command publishes all three, each in order.
+    proxy.clear();
+    proxy.clear_log();
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(json(&o)["pushed"], 3);
+    assert_publish_order(&s3, &bucket, &proxy.log());
+    assert_verified(&s3, &bucket, &pk, 3);
 }

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -43,6 +43,24 @@ pub struct FaultProxy {
     pub addr: SocketAddr,
     rules: Arc<Mutex<Vec<Rule>>>,
     injected: Arc<AtomicUsize>,
+    log: Arc<Mutex<Vec<Logged>>>,
+}
+
+/// One request as the proxy saw it: when it came, when its answer was complete, and the
+/// status (0 when the connection was reset instead of answered).
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub method: String,
+    pub target: String,
+    pub started: Instant,
+    pub ended: Instant,
+    pub status: u16,
+}
+
+impl Logged {
+    pub fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
 }
 
 impl FaultProxy {
@@ -50,8 +68,9 @@ impl FaultProxy {
         let upstream = upstream.trim_end_matches('/').to_owned();
         let rules: Arc<Mutex<Vec<Rule>>> = Arc::default();
         let injected = Arc::new(AtomicUsize::new(0));
+        let log: Arc<Mutex<Vec<Logged>>> = Arc::default();
         let (tx, rx) = std::sync::mpsc::channel();
-        let (r, inj) = (rules.clone(), injected.clone());
+        let (r, inj, lg) = (rules.clone(), injected.clone(), log.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -70,17 +89,41 @@ impl FaultProxy {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let (r, inj, client, upstream) =
-                        (r.clone(), inj.clone(), client.clone(), upstream.clone());
+                    let (r, inj, lg, client, upstream) = (
+                        r.clone(),
+                        inj.clone(),
+                        lg.clone(),
+                        client.clone(),
+                        upstream.clone(),
+                    );
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req| {
-                            handle(
+                            let (method, target, started) = (
+                                req.method().to_string(),
+                                req.uri()
+                                    .path_and_query()
+                                    .map_or("/".into(), |p| p.to_string()),
+                                Instant::now(),
+                            );
+                            let fut = handle(
                                 req,
                                 r.clone(),
                                 inj.clone(),
                                 client.clone(),
                                 upstream.clone(),
-                            )
+                            );
+                            let lg = lg.clone();
+                            async move {
+                                let res = fut.await;
+                                lg.lock().unwrap().push(Logged {
+                                    method,
+                                    target,
+                                    started,
+                                    ended: Instant::now(),
+                                    status: res.as_ref().map_or(0, |r| r.status().as_u16()),
+                                });
+                                res
+                            }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
@@ -93,6 +136,7 @@ impl FaultProxy {
             addr: rx.recv().unwrap(),
             rules,
             injected,
+            log,
         }
     }
 
@@ -106,6 +150,15 @@ impl FaultProxy {
 
     pub fn clear(&self) {
         self.rules.lock().unwrap().clear();
+    }
+
+    /// Every request so far, in the order their answers completed.
+    pub fn log(&self) -> Vec<Logged> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn clear_log(&self) {
+        self.log.lock().unwrap().clear();
     }
 
     /// How many faults were injected so far.
