@@ -1163,3 +1163,103 @@ fn a_failed_narinfo_fails_its_dependents_transitively() {
     assert_publish_order(&s3, &bucket, &proxy.log());
     assert_verified(&s3, &bucket, &pk, 3);
 }
+
+/// Every way a multipart upload can fail leaves no upload open when the push exits, or
+/// says which could not be aborted and how to remove them; and a Complete whose answer was
+/// lost is confirmed with a HEAD when its retry finds the upload gone.
+#[test]
+fn multipart_uploads_are_aborted_on_every_failure_path() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let args = ["--part-size", "5", "--compression", "none"];
+    let complete = |times: usize, fault: Fault| Rule {
+        method: "POST",
+        target: "uploadId=",
+        times,
+        fault,
+    };
+    // CompleteMultipartUpload refused for good, at once and after retries.
+    for (what, fault) in [
+        ("Complete refused", Fault::Status(400, "InvalidPart", None)),
+        (
+            "Complete failing",
+            Fault::Status(500, "InternalError", None),
+        ),
+    ] {
+        let top = big(&unique("complete-fails"));
+        let bucket = s3.new_bucket("complete");
+        proxy.clear();
+        proxy.add(complete(usize::MAX, fault));
+        let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
+        assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr_of(&o));
+        assert_eq!(json(&o)["failed"], 2, "{what}: {}", json(&o));
+        // Immediately after the exit: nothing open, nothing to clean up later.
+        assert!(
+            s3.open_uploads(&bucket, "").is_empty(),
+            "{what}: upload left open"
+        );
+        assert_verified(&s3, &bucket, &pk, 1);
+    }
+
+    // The abort itself failing: the push says so, verify sees the upload, and
+    // `verify --abort-open-uploads` removes it.
+    let top = big(&unique("abort-fails"));
+    let bucket = s3.new_bucket("abortfails");
+    proxy.clear();
+    proxy.add(Rule {
+        method: "PUT",
+        target: "partNumber=",
+        times: usize::MAX,
+        fault: Fault::Status(403, "AccessDenied", None),
+    });
+    proxy.add(Rule {
+        method: "DELETE",
+        target: "uploadId=",
+        times: usize::MAX,
+        fault: Fault::Status(500, "InternalError", None),
+    });
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("1 multipart uploads could not be aborted"),
+        "{}",
+        stderr_of(&o)
+    );
+    let (code, v) = verify(&s3, &bucket, &pk);
+    assert_eq!((code, v["open_uploads"].as_u64()), (1, Some(1)), "{v}");
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    run_ok(
+        c.args(["verify", "--abort-open-uploads", "--trusted-key", &pk])
+            .arg(s3.url(&bucket, "")),
+    );
+    assert!(s3.open_uploads(&bucket, "").is_empty());
+    assert_verified(&s3, &bucket, &pk, 1);
+
+    // Complete's answer lost (the server completed it), its retry told NoSuchUpload: a
+    // HEAD of the object confirms the success.
+    let top = big(&unique("complete-lost"));
+    let bucket = s3.new_bucket("completelost");
+    proxy.clear();
+    proxy.clear_log();
+    proxy.add(complete(1, Fault::Truncate));
+    proxy.add(complete(1, Fault::Status(404, "NoSuchUpload", None)));
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(proxy.injected() >= 2);
+    let log = proxy.log();
+    let no_such_upload = log
+        .iter()
+        .find(|l| l.method == "POST" && l.status == 404)
+        .expect("the retried Complete got NoSuchUpload");
+    let nar = no_such_upload.target.split('?').next().unwrap();
+    assert!(
+        log.iter().any(|l| l.method == "HEAD"
+            && l.target.split('?').next() == Some(nar)
+            && l.started >= no_such_upload.ended),
+        "no HEAD of {nar} after the NoSuchUpload"
+    );
+    assert_verified(&s3, &bucket, &pk, 3);
+}

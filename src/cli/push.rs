@@ -606,6 +606,7 @@ impl Pusher {
                     out.error(&format!(
                         "interrupted ({aborted} unfinished uploads aborted); nothing half-published is visible, re-run the same command to finish the push"
                     ));
+                    warn_left_open(out, storage.left_open());
                     return Ok(Outcome::Interrupted);
                 }
             }
@@ -614,6 +615,7 @@ impl Pusher {
         out.end_group();
         // A safety net: every failed upload aborted itself, so this normally finds none.
         storage.abort_open_uploads().await;
+        warn_left_open(out, storage.left_open());
         let failed = report.failed.len();
         out.info(&format!(
             "pushed {} paths ({} NAR, {} sent), skipped {}, failed {} in {:.1}s",
@@ -698,4 +700,13 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Uploads whose abort failed are billed until something removes them: say so, and how.
+fn warn_left_open(out: &Output, n: usize) {
+    if n > 0 {
+        out.warn(&format!(
+            "{n} multipart uploads could not be aborted and stay open (invisible to Nix, but stored and billed); `cachepush verify --abort-open-uploads` or a lifecycle rule removes them"
+        ));
+    }
 }

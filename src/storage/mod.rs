@@ -152,9 +152,14 @@ pub trait Storage: Send + Sync + 'static {
     }
 
     /// Aborts every upload that was started and neither committed nor aborted (called on
-    /// Ctrl-C, when the tasks that own them are gone); returns how many there were.
+    /// Ctrl-C, when the tasks that own them are gone); returns how many it aborted.
     fn abort_open_uploads(&self) -> impl Future<Output = usize> + Send {
         async { 0 }
+    }
+
+    /// Uploads this process started that are still open (their abort failed too).
+    fn left_open(&self) -> usize {
+        0
     }
 }
 

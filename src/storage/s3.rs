@@ -795,16 +795,23 @@ impl Storage for S3Bucket {
 
     async fn abort_open_uploads(&self) -> usize {
         let open: Vec<(String, String)> = match self.inner.open.lock() {
-            Ok(mut m) => m.drain().collect(),
+            Ok(m) => m
+                .iter()
+                .map(|(id, key)| (id.clone(), key.clone()))
+                .collect(),
             Err(_) => return 0,
         };
-        let n = open.len();
+        // An upload whose abort failed stays registered: `left_open` reports it.
         futures::stream::iter(open)
-            .for_each_concurrent(8, |(id, key)| async move {
-                abort_upload(self, &key, &id).await;
-            })
-            .await;
-        n
+            .map(|(id, key)| async move { abort_upload(self, &key, &id).await })
+            .buffer_unordered(8)
+            .filter(|gone| std::future::ready(*gone))
+            .count()
+            .await
+    }
+
+    fn left_open(&self) -> usize {
+        self.inner.open.lock().map_or(0, |m| m.len())
     }
 
     async fn list_top_page(
@@ -1074,7 +1081,7 @@ impl Multipart {
         let upload = CompletedMultipartUpload::builder()
             .set_parts(Some(parts))
             .build();
-        let res = i
+        let res = match i
             .retry("CompleteMultipartUpload", &self.key, || {
                 i.counts.multipart.fetch_add(1, Ordering::Relaxed);
                 i.client
@@ -1085,26 +1092,39 @@ impl Multipart {
                     .multipart_upload(upload.clone())
                     .send()
             })
-            .await?;
-        let res = match res {
-            Ok(_) => Ok(()),
+            .await
+        {
+            Err(e) => Err(e),
+            Ok(Ok(_)) => Ok(()),
             // A retried Complete whose first attempt succeeded (its answer was lost) finds
             // the upload gone: the object is there, and that is success.
-            Err(c) if c.no_such_upload && self.bucket.head(&self.key).await?.is_some() => Ok(()),
-            Err(c) => Err(to_error("CompleteMultipartUpload", &self.key, c)),
+            Ok(Err(c)) if c.no_such_upload => match self.bucket.head(&self.key).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(to_error("CompleteMultipartUpload", &self.key, c)),
+                Err(e) => Err(e),
+            },
+            Ok(Err(c)) => Err(to_error("CompleteMultipartUpload", &self.key, c)),
         };
-        if res.is_ok() {
-            self.finished = true;
-            if let Ok(mut open) = i.open.lock() {
-                open.remove(&self.upload_id);
+        match &res {
+            Ok(()) => {
+                if let Ok(mut open) = i.open.lock() {
+                    open.remove(&self.upload_id);
+                }
+            }
+            // A Complete that failed for good aborts its upload before the error is
+            // reported, so no upload outlives the push that made it.
+            Err(_) => {
+                abort_upload(&self.bucket, &self.key, &self.upload_id).await;
             }
         }
+        self.finished = true;
         res
     }
 
     async fn abort(mut self) {
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
+        // A failed abort leaves the upload registered, for `left_open` to report.
         abort_upload(&self.bucket, &self.key, &self.upload_id).await;
         self.finished = true;
     }
@@ -1122,7 +1142,8 @@ fn joined(
     })
 }
 
-async fn abort_upload(bucket: &S3Bucket, key: &str, upload_id: &str) {
+/// Aborts one upload; true once the store confirmed it is gone.
+async fn abort_upload(bucket: &S3Bucket, key: &str, upload_id: &str) -> bool {
     let i = &bucket.inner;
     let obj = i.object_key(key);
     let res = i
@@ -1138,11 +1159,12 @@ async fn abort_upload(bucket: &S3Bucket, key: &str, upload_id: &str) {
         .await;
     // Forgotten only once the store confirmed, so that an abort cut short by Ctrl-C is
     // still found by `abort_open_uploads`.
-    if matches!(res, Ok(Ok(_))) || matches!(&res, Ok(Err(c)) if c.not_found || c.no_such_upload) {
-        if let Ok(mut open) = i.open.lock() {
-            open.remove(upload_id);
-        }
+    let gone =
+        matches!(res, Ok(Ok(_))) || matches!(&res, Ok(Err(c)) if c.not_found || c.no_such_upload);
+    if gone && let Ok(mut open) = i.open.lock() {
+        open.remove(upload_id);
     }
+    gone
 }
 
 impl Drop for Multipart {
@@ -1157,7 +1179,9 @@ impl Drop for Multipart {
             let bucket = self.bucket.clone();
             let key = self.key.clone();
             let upload_id = self.upload_id.clone();
-            handle.spawn(async move { abort_upload(&bucket, &key, &upload_id).await });
+            handle.spawn(async move {
+                abort_upload(&bucket, &key, &upload_id).await;
+            });
         }
     }
 }
