@@ -605,14 +605,12 @@ impl State {
     /// Streams an object from the bucket, honouring a single `Range`.
     async fn proxy(&self, route: &Route, req: &Request<Incoming>, head: bool) -> Response<Body> {
         let key = route.object_key().unwrap_or_default();
-        let range = match req.headers().get(header::RANGE) {
-            None => None,
-            Some(v) => match v.to_str().ok().filter(|r| valid_range(r)) {
-                Some(r) => Some(r.to_owned()),
-                None => {
-                    return plain(StatusCode::RANGE_NOT_SATISFIABLE, "unsupported range\n");
-                }
-            },
+        let range = match range_of(req.headers().get(header::RANGE)) {
+            RangeAsk::Whole => None,
+            RangeAsk::Part(r) => Some(r),
+            RangeAsk::Unsatisfiable => {
+                return plain(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
+            }
         };
         let started = Instant::now();
         let res = self.bucket.get_stream(&key, range.as_deref()).await;
@@ -664,20 +662,45 @@ impl State {
     }
 }
 
-/// One `bytes=A-B`, `bytes=A-` or `bytes=-N` range; multiple ranges are not supported.
-fn valid_range(r: &str) -> bool {
-    let Some(spec) = r.strip_prefix("bytes=") else {
-        return false;
+/// What a `Range` header asks of the bucket.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeAsk {
+    Whole,
+    /// One `bytes=A-B`, `bytes=A-` or `bytes=-N` range, passed on to the bucket as given.
+    Part(String),
+    /// `bytes=-0`: the empty suffix, which no object can satisfy.
+    Unsatisfiable,
+}
+
+/// RFC 9110 §14.2: a server may ignore `Range`, and must ignore one it cannot parse; so a
+/// malformed header, another unit, or several ranges (which Nix never sends) get the whole
+/// object, 200, rather than an error.
+fn range_of(v: Option<&HeaderValue>) -> RangeAsk {
+    let Some(r) = v.and_then(|v| v.to_str().ok()) else {
+        return RangeAsk::Whole;
+    };
+    let r = r.trim();
+    let Some(spec) = r
+        .get(..6)
+        .filter(|u| u.eq_ignore_ascii_case("bytes="))
+        .map(|_| r[6..].trim())
+    else {
+        return RangeAsk::Whole;
     };
     let Some((a, b)) = spec.split_once('-') else {
-        return false;
+        return RangeAsk::Whole;
     };
-    let num = |s: &str| !s.is_empty() && s.len() <= 19 && s.bytes().all(|c| c.is_ascii_digit());
-    match (a.is_empty(), b.is_empty()) {
-        (false, true) => num(a),
-        (true, false) => num(b),
-        (false, false) => num(a) && num(b) && a.parse::<u64>().ok() <= b.parse::<u64>().ok(),
-        (true, true) => false,
+    let num = |s: &str| {
+        (!s.is_empty() && s.len() <= 19 && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    match (num(a), num(b), a.is_empty(), b.is_empty()) {
+        (Some(x), None, false, true) => RangeAsk::Part(format!("bytes={x}-")),
+        (None, Some(0), true, false) => RangeAsk::Unsatisfiable,
+        (None, Some(n), true, false) => RangeAsk::Part(format!("bytes=-{n}")),
+        (Some(x), Some(y), false, false) if x <= y => RangeAsk::Part(format!("bytes={x}-{y}")),
+        _ => RangeAsk::Whole,
     }
 }
 
@@ -1117,10 +1140,19 @@ mod tests {
 
     #[test]
     fn ranges() {
-        for ok in ["bytes=0-99", "bytes=100-", "bytes=-500", "bytes=5-5"] {
-            assert!(valid_range(ok), "{ok}");
+        let ask = |r: &str| range_of(Some(&HeaderValue::from_str(r).unwrap()));
+        for (given, passed) in [
+            ("bytes=0-99", "bytes=0-99"),
+            ("bytes=100-", "bytes=100-"),
+            ("bytes=-500", "bytes=-500"),
+            ("bytes=5-5", "bytes=5-5"),
+            ("Bytes=0-9", "bytes=0-9"),
+            ("bytes= 0-9 ", "bytes=0-9"),
+        ] {
+            assert_eq!(ask(given), RangeAsk::Part(passed.into()), "{given}");
         }
-        for bad in [
+        assert_eq!(ask("bytes=-0"), RangeAsk::Unsatisfiable);
+        for ignored in [
             "bytes=0-1,5-6",
             "bytes=9-1",
             "bytes=-",
@@ -1129,8 +1161,9 @@ mod tests {
             "bytes=99999999999999999999-",
             "",
         ] {
-            assert!(!valid_range(bad), "{bad}");
+            assert_eq!(ask(ignored), RangeAsk::Whole, "{ignored}");
         }
+        assert_eq!(range_of(None), RangeAsk::Whole);
     }
 
     #[test]
