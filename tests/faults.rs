@@ -206,25 +206,47 @@ fn retry_after_is_honoured() {
     let proxy = FaultProxy::start(&s3.endpoint);
     let tmp = tempfile::tempdir().unwrap();
     let (sk, pk) = keygen(tmp.path(), "faults-1");
-    let top = build("dep", &unique("retry-after"));
-    let bucket = s3.new_bucket("retryafter");
-    proxy.add(Rule {
-        method: "PUT",
-        target: ".narinfo",
-        times: 1,
-        fault: Fault::Status(429, "TooManyRequests", Some(2)),
-    });
-    let started = Instant::now();
-    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
-    let took = started.elapsed();
-    assert!(o.status.success(), "{}", stderr_of(&o));
-    assert_eq!(proxy.injected(), 1);
-    // A lower bound only: the retry waited as told rather than its own short backoff.
+    // The gap, on the wire, between the 429 and the retried narinfo PUT.
+    let gap = |retry_after: Option<u32>| {
+        let top = build("dep", &unique("retry-after"));
+        let bucket = s3.new_bucket("retryafter");
+        proxy.clear();
+        proxy.clear_log();
+        proxy.add(Rule {
+            method: "PUT",
+            target: ".narinfo",
+            times: 1,
+            fault: Fault::Status(429, "TooManyRequests", retry_after),
+        });
+        let before = proxy.injected();
+        let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+        assert!(o.status.success(), "{}", stderr_of(&o));
+        assert_eq!(proxy.injected(), before + 1);
+        assert_verified(&s3, &bucket, &pk, 1);
+        let log = proxy.log();
+        let is_narinfo_put = |l: &&common::fault::Logged| {
+            l.method == "PUT" && l.target.split('?').next().unwrap().ends_with(".narinfo")
+        };
+        let refused = log
+            .iter()
+            .filter(is_narinfo_put)
+            .find(|l| l.status == 429)
+            .expect("the 429 in the log");
+        let retried = log
+            .iter()
+            .filter(is_narinfo_put)
+            .find(|l| l.ok())
+            .expect("the retried PUT in the log");
+        retried.started.duration_since(refused.ended)
+    };
+    let told = gap(Some(2));
     assert!(
-        took >= Duration::from_secs(2),
-        "retried after {took:?}, before Retry-After"
+        told >= Duration::from_secs(2),
+        "retried {told:?} after a 429 with Retry-After: 2"
     );
-    assert_verified(&s3, &bucket, &pk, 1);
+    // The twin: without Retry-After the client's own first backoff is far shorter.
+    let own = gap(None);
+    assert!(own < Duration::from_secs(2), "own backoff took {own:?}");
 }
 
 /// Permanent faults: the push fails with a clear message and the exit status that says

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::http::Forwarder;
+use common::fault::{Fault, FaultProxy, Rule};
 use common::s3::S3;
 use common::*;
 
@@ -170,10 +170,22 @@ fn the_post_build_hook_queue_survives_a_killed_uploader_and_is_published_once() 
         stderr_of(&o)
     );
 
-    // The uploader cannot reach the bucket, and is killed mid-way.
-    let target = s3.endpoint.trim_start_matches("http://").parse().unwrap();
-    let fwd = Forwarder::start(target);
-    fwd.set_up(false);
+    // The uploader is killed mid-batch: the narinfo of batch 1's last path is held at the
+    // proxy (and never forwarded), and the kill comes once other paths are published.
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let held: &'static str = Box::leak(
+        format!(
+            "/{}.narinfo",
+            &first.last().unwrap().file_name().unwrap().to_str().unwrap()[..32]
+        )
+        .into_boxed_str(),
+    );
+    proxy.add(Rule {
+        method: "PUT",
+        target: held,
+        times: usize::MAX,
+        fault: Fault::StallThenDrop(Duration::from_secs(120)),
+    });
     let watch = |endpoint: &str, extra: &[&str]| {
         let mut c = cachepush();
         s3.creds(&mut c);
@@ -190,30 +202,53 @@ fn the_post_build_hook_queue_survives_a_killed_uploader_and_is_published_once() 
             .args(extra);
         c
     };
-    let mut killed = watch(&fwd.endpoint(), &["--queue-only"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    killed.kill().unwrap();
-    killed.wait().unwrap();
+    let mut killed = Logged::spawn(watch(&proxy.endpoint(), &["--queue-only"]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.injected() == 0 || published(&s3, &bucket, "").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the uploader never got to the held narinfo: {}",
+            killed.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    let before = published(&s3, &bucket, "");
+    assert!(!before.is_empty() && !before.is_superset(&hashes(first)));
     assert_eq!(
         queued(&queue),
         2,
-        "a batch left the queue without being published"
+        "a batch left the queue without being all published"
     );
-    assert!(published(&s3, &bucket, "").is_empty());
 
-    // Restarted with the bucket reachable: everything queued is published, once.
-    let o = watch(&s3.endpoint, &["--once"]).output().unwrap();
+    // Restarted, nothing held: everything queued is published, and nothing published
+    // before the kill is written again.
+    proxy.clear();
+    proxy.clear_log();
+    let o = watch(&proxy.endpoint(), &["--once"]).output().unwrap();
     assert!(o.status.success(), "{}", stderr_of(&o));
     assert_eq!(queued(&queue), 0);
     assert_eq!(published(&s3, &bucket, ""), hashes(&closure));
     assert_eq!(
         pushed_total(&stderr_of(&o)),
-        closure.len(),
+        closure.len() - before.len(),
         "{}",
         stderr_of(&o)
+    );
+    let mut puts: std::collections::BTreeMap<String, usize> = Default::default();
+    for l in proxy.log() {
+        let path = l.target.split('?').next().unwrap().to_owned();
+        if l.method == "PUT" && l.ok() && path.ends_with(".narinfo") {
+            *puts.entry(path).or_default() += 1;
+        }
+    }
+    assert_eq!(puts.len(), closure.len() - before.len(), "{puts:?}");
+    assert!(puts.values().all(|n| *n == 1), "{puts:?}");
+    assert!(
+        puts.keys()
+            .all(|k| !before.contains(&k.rsplit('/').next().unwrap()[..32])),
+        "re-published what was there: {puts:?}"
     );
 
     // A running watcher picks up new batches as they come, and stops cleanly on SIGTERM.

@@ -24,6 +24,9 @@ pub enum Fault {
     ResetMidBody,
     /// Wait this long, then forward (the client's read timeout should fire first).
     Stall(Duration),
+    /// Wait this long, then close the connection without forwarding: a request held open
+    /// that never reaches the server, even after its client is gone.
+    StallThenDrop(Duration),
     /// Forward, then send only half of the response body and close.
     Truncate,
 }
@@ -239,6 +242,10 @@ async fn handle(
         }
         Some(Fault::Reset) => return Err(std::io::Error::other("injected reset")),
         Some(Fault::Stall(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::StallThenDrop(d)) => {
+            tokio::time::sleep(*d).await;
+            return Err(std::io::Error::other("injected stall, then dropped"));
+        }
         _ => {}
     }
     let mut fwd = client.request(method.clone(), format!("{upstream}{target}"));
