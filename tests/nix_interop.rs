@@ -82,8 +82,12 @@ fn every_compression_is_accepted_by_nix() {
     for algo in ["zstd", "xz", "none"] {
         let cache = tmp.path().join(algo);
         push(&cache, Some(&sk), &["--compression", algo], top);
-        let text = std::fs::read_to_string(&narinfos(&cache)[0]).unwrap();
-        assert!(text.contains(&format!("Compression: {algo}\n")), "{text}");
+        let files = narinfos(&cache);
+        assert_eq!(files.len(), closure_of(top).len(), "{algo}");
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            assert!(text.contains(&format!("Compression: {algo}\n")), "{text}");
+        }
         let dest = tmp.path().join(format!("dest-{algo}"));
         let out = nix_substitute(&format!("file://{}", cache.display()), &dest, top, &pk);
         assert!(
@@ -191,6 +195,7 @@ fn signatures_already_in_the_store_are_kept_beside_ours() {
     let (sk, pk) = keygen(tmp.path(), "ours-3");
     let cache = tmp.path().join("c");
     push(&cache, Some(&sk), &[], &top);
+    assert_eq!(narinfos(&cache).len(), closure_of(&top).len());
     for f in narinfos(&cache) {
         let text = std::fs::read_to_string(&f).unwrap();
         assert!(text.contains("Sig: upstream-1:"), "{text}");

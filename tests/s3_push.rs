@@ -292,6 +292,7 @@ fn a_path_whose_content_changed_is_not_published() {
             // No NAR under the changed path's name. (Its dependents' NARs may have gone up in
             // parallel: unreferenced, invisible to Nix, and replaced by the next push.)
             let nars = s3.keys(&bucket, "nar/");
+            assert!(!nars.is_empty(), "{}: small's NAR is missing", s3.name);
             assert!(
                 !nars.iter().any(|k| k.contains(&big_nar_hash)),
                 "{}: NAR of a changed path kept: {nars:?}",

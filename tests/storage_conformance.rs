@@ -178,6 +178,21 @@ async fn local_directory_conforms() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = LocalDir::open(tmp.path()).unwrap();
     conformance(&dir, "local").await;
+    // `list` hides temp files, so look at the directory itself: every aborted, dropped or
+    // committed upload left no `.tmp-` file behind.
+    let mut leftovers = Vec::new();
+    let mut dirs = vec![tmp.path().to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                leftovers.push(e.path());
+            }
+        }
+    }
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
 }
 
 /// Credentials reach the SDK the way they reach users': the standard variables.

@@ -751,6 +751,7 @@ fn every_cachepush_command_in_the_examples_and_docs_exists() {
         "post-build-hook",
         "completions",
         "man",
+        "verify",
     ];
     for sub in subcommands {
         let h = stdout(&run_ok(cachepush().arg(sub).arg("--help")));
@@ -844,7 +845,7 @@ fn watch_store_publishes_new_store_paths_until_stopped() {
     let (sk, _) = keygen(tmp.path(), "watch-store-1");
     let bucket = s3.new_bucket("watchstore");
     // Built before the watcher starts: an old path it must leave alone.
-    let old = hashes(&[shared_top().to_path_buf()]);
+    let old = hashes(&closure_of(shared_top()));
     let mut c = cachepush();
     s3.creds(&mut c);
     c.arg("watch-store")
