@@ -263,3 +263,142 @@ pub fn produce(
         file_size: file.count,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A small tree: files (one executable), a directory, a symlink, and one file of
+    /// `big` bytes of varied content.
+    fn tree(big: usize) -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("p");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(root.join("a.txt"), b"hello\n").unwrap();
+        std::fs::write(root.join("bin/run"), b"#!/bin/sh\necho hi\n").unwrap();
+        std::fs::set_permissions(root.join("bin/run"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::os::unix::fs::symlink("a.txt", root.join("link")).unwrap();
+        let blob: Vec<u8> = (0..big).map(|i| ((i * 7919) ^ (i >> 9)) as u8).collect();
+        std::fs::write(root.join("blob"), blob).unwrap();
+        t
+    }
+
+    fn decompress(c: Compression, bytes: &[u8]) -> Vec<u8> {
+        match c {
+            Compression::None => bytes.to_vec(),
+            Compression::Zstd { .. } => zstd::decode_all(bytes).unwrap(),
+            Compression::Xz { .. } => {
+                let mut out = Vec::new();
+                liblzma::read::XzDecoder::new(bytes)
+                    .read_to_end(&mut out)
+                    .unwrap();
+                out
+            }
+        }
+    }
+
+    /// Runs `produce` on its own thread, as the push does, reading the chunks here.
+    fn run(path: &Path, c: Compression, chunk: usize, cap: usize) -> (Produced, Vec<Bytes>) {
+        let (tx, mut rx) = mpsc::channel(cap);
+        let p = path.to_owned();
+        let producer = std::thread::spawn(move || produce(&p, c, 0, chunk, tx));
+        let mut chunks = Vec::new();
+        while let Some(b) = rx.blocking_recv() {
+            chunks.push(b);
+        }
+        (producer.join().unwrap().unwrap(), chunks)
+    }
+
+    #[test]
+    fn one_pass_gives_the_nar_its_hashes_and_bounded_chunks_for_every_compression() {
+        let t = tree(3 << 20);
+        let path = t.path().join("p");
+        let mut nar = Vec::new();
+        nar::dump_path(&path, &mut nar).unwrap();
+        for c in [
+            Compression::None,
+            Compression::default(),
+            Compression::Zstd {
+                level: 3,
+                threads: 2,
+            },
+            Compression::Xz { level: 1 },
+        ] {
+            let chunk = 64 << 10;
+            // A channel of one: the producer waits for the reader (backpressure).
+            let (got, chunks) = run(&path, c, chunk, 1);
+            assert!(
+                chunks.iter().all(|b| !b.is_empty() && b.len() <= chunk),
+                "{c}"
+            );
+            let file: Vec<u8> = chunks.concat();
+            assert_eq!(got.file_size, file.len() as u64, "{c}");
+            assert_eq!(got.file_hash, Sha256::digest(&file), "{c}");
+            assert_eq!(decompress(c, &file), nar, "{c}");
+            assert_eq!(got.nar_size, nar.len() as u64, "{c}");
+            assert_eq!(got.nar_hash, Sha256::digest(&nar), "{c}");
+            if c != Compression::None {
+                assert!(file.len() < nar.len(), "{c} did not compress");
+            }
+        }
+    }
+
+    #[test]
+    fn multithreaded_zstd_for_large_nars_decodes_to_the_same_nar() {
+        let t = tree(10 << 20);
+        let path = t.path().join("p");
+        let (tx, mut rx) = mpsc::channel(4);
+        let p = path.clone();
+        let c = Compression::Zstd {
+            level: 3,
+            threads: 2,
+        };
+        // A size hint over 8 MiB turns on the worker threads.
+        let producer = std::thread::spawn(move || produce(&p, c, 10 << 20, 1 << 20, tx));
+        let mut file = Vec::new();
+        while let Some(b) = rx.blocking_recv() {
+            file.extend_from_slice(&b);
+        }
+        let got = producer.join().unwrap().unwrap();
+        let mut nar = Vec::new();
+        nar::dump_path(&path, &mut nar).unwrap();
+        assert_eq!(zstd::decode_all(&file[..]).unwrap(), nar);
+        assert_eq!(got.nar_hash, Sha256::digest(&nar));
+    }
+
+    #[test]
+    fn a_reader_that_goes_away_stops_the_producer_with_an_error() {
+        let t = tree(4 << 20);
+        let path = t.path().join("p");
+        let (tx, mut rx) = mpsc::channel(1);
+        let producer = std::thread::spawn(move || produce(&path, Compression::None, 0, 4096, tx));
+        let _first = rx.blocking_recv();
+        drop(rx);
+        let err = producer.join().unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+    }
+
+    #[test]
+    fn names_levels_and_parsing() {
+        for (text, name, ext) in [
+            ("zstd", "zstd", ".nar.zst"),
+            ("xz", "xz", ".nar.xz"),
+            ("none", "none", ".nar"),
+        ] {
+            let c: Compression = text.parse().unwrap();
+            assert_eq!((c.name(), c.extension()), (name, ext));
+            assert_eq!(c.to_string(), name);
+        }
+        assert!("lz4".parse::<Compression>().unwrap_err().contains("lz4"));
+        let zstd = Compression::default();
+        assert!(zstd.with_level(1).is_ok() && zstd.with_level(19).is_ok());
+        assert!(zstd.with_level(0).is_err() && zstd.with_level(20).is_err());
+        let xz = Compression::Xz { level: 6 };
+        assert_eq!(xz.with_level(9), Ok(Compression::Xz { level: 9 }));
+        assert!(xz.with_level(10).is_err() && xz.with_level(-1).is_err());
+        assert!(Compression::None.with_level(3).is_err());
+    }
+}
