@@ -378,11 +378,17 @@ impl S3Bucket {
     /// Part size for an object of about `size_hint` bytes: the configured size, grown so
     /// that the object fits in well under 10,000 parts.
     fn part_size_for(&self, size_hint: u64) -> usize {
-        let configured = self.inner.cfg.part_size.max(MIN_PART_SIZE);
-        // Compressed NARs can be slightly larger than the NAR; leave 10% of the parts spare.
-        let needed = (size_hint + size_hint / 50).div_ceil(MAX_PARTS * 9 / 10);
-        configured.max(needed as usize)
+        part_size(self.inner.cfg.part_size, size_hint)
     }
+}
+
+/// The part size for a NAR of about `size_hint` bytes: the configured size (at least S3's
+/// minimum), or larger when that many parts would not fit under S3's part limit.
+fn part_size(configured: usize, size_hint: u64) -> usize {
+    let configured = configured.max(MIN_PART_SIZE);
+    // Compressed NARs can be slightly larger than the NAR; leave 10% of the parts spare.
+    let needed = (size_hint + size_hint / 50).div_ceil(MAX_PARTS * 9 / 10);
+    configured.max(usize::try_from(needed).unwrap_or(usize::MAX))
 }
 
 /// What a failed request means for us.
@@ -538,6 +544,14 @@ fn to_error(op: &'static str, key: &str, c: Classified) -> StorageError {
     }
 }
 
+/// The server's `Retry-After` when it gave one (at most two minutes: a server asking for
+/// an hour is not worth holding a push for), else our own backoff.
+fn wait_before_retry(c: &Classified, attempt: u32) -> Duration {
+    c.retry_after
+        .map(|d| d.min(Duration::from_secs(120)))
+        .unwrap_or_else(|| backoff(attempt))
+}
+
 /// Full-jitter exponential backoff: a random wait up to min(cap, base × 2^attempt).
 fn backoff(attempt: u32) -> Duration {
     let cap = Duration::from_secs(20);
@@ -575,11 +589,7 @@ impl Inner {
                         return Err(to_error(op, key, c));
                     }
                     self.counts.retries.fetch_add(1, Ordering::Relaxed);
-                    let wait = c
-                        .retry_after
-                        .map(|d| d.min(Duration::from_secs(120)))
-                        .unwrap_or_else(|| backoff(attempt));
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep(wait_before_retry(&c, attempt)).await;
                 }
             }
         }
@@ -1346,6 +1356,44 @@ mod tests {
             .unwrap();
         let c = answer(403, "", &[("date", &now)]);
         assert!(!c.message.contains("clock"), "{}", c.message);
+    }
+
+    #[test]
+    fn waits_between_attempts_are_bounded() {
+        for attempt in 1..40 {
+            let w = backoff(attempt);
+            assert!(
+                w >= Duration::from_millis(50) && w <= Duration::from_secs(20),
+                "{attempt}: {w:?}"
+            );
+        }
+        let told = |secs: &str| answer(503, "SlowDown", &[("retry-after", secs)]);
+        assert_eq!(wait_before_retry(&told("3"), 1), Duration::from_secs(3));
+        assert_eq!(
+            wait_before_retry(&told("3600"), 1),
+            Duration::from_secs(120)
+        );
+        // An HTTP-date Retry-After is not parsed: our own backoff applies.
+        let date = told("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert!(wait_before_retry(&date, 1) <= Duration::from_millis(400));
+    }
+
+    #[test]
+    fn parts_grow_only_when_the_nar_would_not_fit_in_the_part_limit() {
+        let mib = 1usize << 20;
+        assert_eq!(part_size(16 * mib, 0), 16 * mib);
+        assert_eq!(
+            part_size(1, 10 << 20),
+            MIN_PART_SIZE,
+            "never under S3's minimum"
+        );
+        assert_eq!(part_size(16 * mib, 100 << 30), 16 * mib);
+        // 200 GiB in 16 MiB parts would be 12,800 parts: more than 10,000.
+        let big = 200u64 << 30;
+        let p = part_size(16 * mib, big);
+        assert!(p > 16 * mib);
+        let parts = (big + big / 50).div_ceil(p as u64);
+        assert!(parts <= MAX_PARTS, "{parts} parts of {p}");
     }
 
     #[test]
