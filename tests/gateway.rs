@@ -1224,3 +1224,105 @@ fn a_missing_bucket_is_5xx_and_authenticated_answers_are_private() {
     assert_eq!(r.header("cache-control"), Some("public, max-age=60"));
     assert_eq!(r.header("vary"), None);
 }
+
+/// A NAR whose bytes changed in the bucket is refused by the real Nix, through the gateway
+/// and straight from the bucket alike, and accepted again once restored; and the gateway,
+/// even with a signing key, never writes to the bucket.
+#[test]
+fn a_nar_changed_in_the_bucket_is_refused_by_nix_and_the_gateway_never_writes() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "gw-nar-1");
+    let (gsk, gpk) = keygen(tmp.path(), "gateway-1");
+    let top = build("", &unique("gw-nar"));
+    let (bucket, prefix) = s3.new_public_cache("narflip");
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    // Uncompressed, so that the changed byte reaches Nix's NarHash check rather than a
+    // decompressor.
+    run_ok(
+        c.args(["copy", "-q", "--compression", "none", "--to"])
+            .arg(s3.url(&bucket, &prefix))
+            .arg("--signing-key")
+            .arg(&sk)
+            .arg(&top),
+    );
+    let key = |k: &str| format!("{prefix}/{k}");
+    let text =
+        String::from_utf8(s3.get(&bucket, &key(&format!("{}.narinfo", hash_of(&top))))).unwrap();
+    let nar_key = key(text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap());
+    let nar = s3.get(&bucket, &nar_key);
+    // Change one character of file contents (a store path the files mention), not the
+    // NAR's framing, so that only the hash can tell.
+    let mut flipped = nar.clone();
+    let at = flipped
+        .windows(11)
+        .position(|w| w == b"/nix/store/")
+        .expect("top's files mention a store path")
+        + 11;
+    flipped[at] = if flipped[at] == b'0' { b'1' } else { b'0' };
+
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    c.arg("gateway")
+        .arg("--from")
+        .arg(s3.url(&bucket, &prefix))
+        .args(["--listen", "127.0.0.1:0", "--nar-delivery", "proxy"])
+        .arg("--signing-key")
+        .arg(&gsk)
+        .args(["--require-signature-by", &pk]);
+    let gw = Gateway::start(c);
+    let both = format!("{pk} {gpk}");
+    let before: Vec<(String, Vec<u8>)> = s3
+        .keys(&bucket, &prefix)
+        .into_iter()
+        .map(|k| {
+            let b = s3.get(&bucket, &k);
+            (k, b)
+        })
+        .collect();
+    s3.put(&bucket, &nar_key, &flipped);
+    for (via, url) in [
+        ("gateway", gw.url()),
+        ("bucket", s3.http_url(&bucket, &prefix)),
+    ] {
+        let o = nix_via(
+            &url,
+            &tmp.path().join(format!("bad-{via}")),
+            &top,
+            &both,
+            None,
+        );
+        assert!(!o.status.success(), "{via}: Nix accepted a changed NAR");
+        assert!(
+            stderr_of(&o).contains("hash mismatch"),
+            "{via}: refused for another reason: {}",
+            stderr_of(&o)
+        );
+    }
+    s3.put(&bucket, &nar_key, &nar);
+    for (via, url) in [
+        ("gateway", gw.url()),
+        ("bucket", s3.http_url(&bucket, &prefix)),
+    ] {
+        let o = nix_via(
+            &url,
+            &tmp.path().join(format!("good-{via}")),
+            &top,
+            &both,
+            None,
+        );
+        assert!(o.status.success(), "{via}: {}", stderr_of(&o));
+    }
+    // The bucket holds exactly what it held before the gateway served it.
+    let after: Vec<(String, Vec<u8>)> = s3
+        .keys(&bucket, &prefix)
+        .into_iter()
+        .map(|k| {
+            let b = s3.get(&bucket, &k);
+            (k, b)
+        })
+        .collect();
+    assert_eq!(before.len(), after.len());
+    assert!(before == after, "the gateway changed the bucket");
+}
