@@ -577,3 +577,43 @@ fn the_consistency_check_is_scoped_to_its_own_cache() {
         "an open upload under the cache's own prefix went unnoticed"
     );
 }
+
+/// A push never rewrites the cache's `nix-cache-info`: an operator's `Priority: 10` (or
+/// anything else there) survives, on both servers and in a local directory; a new cache
+/// gets cachepush's own.
+#[test]
+fn a_push_keeps_an_existing_nix_cache_info() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, _) = keygen(tmp.path(), "s3-test-1");
+    let top = shared_top();
+    let mine = "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 10\n";
+    for s3 in S3::all() {
+        let bucket = s3.new_bucket("cacheinfo");
+        s3.put(&bucket, "nix-cache-info", mine.as_bytes());
+        run_ok(push_cmd(&s3, &bucket, "", &sk, &[]).arg(top));
+        assert_eq!(
+            String::from_utf8(s3.get(&bucket, "nix-cache-info")).unwrap(),
+            mine,
+            "{}",
+            s3.name
+        );
+        let fresh = s3.new_bucket("cacheinfo");
+        run_ok(push_cmd(&s3, &fresh, "", &sk, &[]).arg(top));
+        let made = String::from_utf8(s3.get(&fresh, "nix-cache-info")).unwrap();
+        assert!(made.contains("StoreDir: /nix/store"), "{}: {made}", s3.name);
+    }
+    let dir = tmp.path().join("local");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("nix-cache-info"), mine).unwrap();
+    run_ok(
+        cachepush()
+            .args(["copy", "-q", "--to", &format!("file://{}", dir.display())])
+            .arg("--signing-key")
+            .arg(&sk)
+            .arg(top),
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("nix-cache-info")).unwrap(),
+        mine
+    );
+}
