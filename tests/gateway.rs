@@ -1326,3 +1326,122 @@ fn a_nar_changed_in_the_bucket_is_refused_by_nix_and_the_gateway_never_writes() 
     assert_eq!(before.len(), after.len());
     assert!(before == after, "the gateway changed the bucket");
 }
+
+/// The gateway's other routes and settings: `.ls` and `log/` are streamed with their
+/// content types; a bucket without `nix-cache-info` gets one from `--store-dir` and
+/// `--priority`; a 404 is remembered for `--negative-ttl` and no longer; presigned URLs
+/// stop working after `--presign-ttl`; bad settings are refused at start.
+#[test]
+fn listings_logs_generated_cache_info_negative_ttl_and_presign_expiry() {
+    use std::time::{Duration, Instant};
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = s3.new_bucket("routes");
+    let h = "0".repeat(32);
+    let drv = format!("{}-hello.drv", "1".repeat(32));
+    s3.put(
+        &bucket,
+        &format!("{h}.ls"),
+        br#"{"version":1,"root":{"type":"regular"}}"#,
+    );
+    s3.put(&bucket, &format!("log/{drv}"), b"building hello\n");
+    let gw = gateway(
+        &s3,
+        &bucket,
+        &[
+            "--store-dir",
+            "/nix/store",
+            "--priority",
+            "17",
+            "--negative-ttl",
+            "2",
+            "--nar-delivery",
+            "redirect",
+            "--presign-ttl",
+            "1",
+        ],
+    );
+    let r = get(gw.addr, &format!("/{h}.ls"));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(r.text().contains("\"version\":1"));
+    let r = get(gw.addr, &format!("/log/{drv}"));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(r.text(), "building hello\n");
+    let r = get(gw.addr, "/nix-cache-info");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("StoreDir: /nix/store") && r.text().contains("Priority: 17"),
+        "{}",
+        r.text()
+    );
+
+    // Negative TTL: a narinfo that appears after a 404 is served once the 404 expires.
+    let top = build("", &unique("gw-negative"));
+    let narinfo = format!("/{}.narinfo", hash_of(&top));
+    assert_eq!(get(gw.addr, &narinfo).status, 404);
+    push(&s3, &bucket, None, &top);
+    assert_eq!(
+        get(gw.addr, &narinfo).status,
+        404,
+        "the 404 was not remembered"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(gw.addr, &narinfo).status != 200 {
+        assert!(Instant::now() < deadline, "the 404 outlived --negative-ttl");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A presigned URL works at once and not after its lifetime.
+    let text = get(gw.addr, &narinfo).text();
+    let nar = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+    let r = get(gw.addr, &format!("/{nar}"));
+    assert_eq!(r.status, 307);
+    let location = r.header("location").unwrap().to_owned();
+    let fetch = |url: &str| {
+        stdout(
+            &Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+                .output()
+                .unwrap(),
+        )
+    };
+    assert_eq!(fetch(&location), "200");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        fetch(&location),
+        "403",
+        "a presigned URL outlived --presign-ttl"
+    );
+
+    // Settings refused at start, each with one error line.
+    for (args, needle) in [
+        (vec!["--presign-ttl", "0"], "--presign-ttl"),
+        (vec!["--presign-ttl", "604801"], "--presign-ttl"),
+        (vec!["--header-timeout", "0"], "--header-timeout"),
+        (vec!["--max-connections", "0"], "--max-connections"),
+        (vec!["--cache-control", "shared"], "--cache-control"),
+        (vec!["--tls-cert", "/nonexistent.pem"], "--tls-key"),
+    ] {
+        let o = gateway_cmd(&s3, &bucket, &args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr_of(&o));
+        assert!(
+            stderr_of(&o).contains(needle),
+            "{args:?}: {}",
+            stderr_of(&o)
+        );
+    }
+    let mut c = cachepush();
+    let o = c
+        .args(["gateway", "--listen", "127.0.0.1:0", "--from"])
+        .arg(format!("file://{}", tmp.path().display()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("not an s3:// URL"),
+        "{}",
+        stderr_of(&o)
+    );
+}
