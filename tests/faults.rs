@@ -1191,7 +1191,12 @@ fn a_failed_narinfo_fails_its_dependents_transitively() {
 /// lost is confirmed with a HEAD when its retry finds the upload gone.
 #[test]
 fn multipart_uploads_are_aborted_on_every_failure_path() {
-    let s3 = S3::seaweedfs();
+    for s3 in S3::all() {
+        multipart_abort_paths(&s3);
+    }
+}
+
+fn multipart_abort_paths(s3: &S3) {
     let proxy = FaultProxy::start(&s3.endpoint);
     let tmp = tempfile::tempdir().unwrap();
     let (sk, pk) = keygen(tmp.path(), "faults-1");
@@ -1214,7 +1219,7 @@ fn multipart_uploads_are_aborted_on_every_failure_path() {
         let bucket = s3.new_bucket("complete");
         proxy.clear();
         proxy.add(complete(usize::MAX, fault));
-        let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
+        let o = push(s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
         assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr_of(&o));
         assert_eq!(json(&o)["failed"], 2, "{what}: {}", json(&o));
         // Immediately after the exit: nothing open, nothing to clean up later.
@@ -1222,7 +1227,7 @@ fn multipart_uploads_are_aborted_on_every_failure_path() {
             s3.open_uploads(&bucket, "").is_empty(),
             "{what}: upload left open"
         );
-        assert_verified(&s3, &bucket, &pk, 1);
+        assert_verified(s3, &bucket, &pk, 1);
     }
 
     // The abort itself failing: the push says so, verify sees the upload, and
@@ -1242,14 +1247,14 @@ fn multipart_uploads_are_aborted_on_every_failure_path() {
         times: usize::MAX,
         fault: Fault::Status(500, "InternalError", None),
     });
-    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
+    let o = push(s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
     assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     assert!(
         stderr_of(&o).contains("1 multipart uploads could not be aborted"),
         "{}",
         stderr_of(&o)
     );
-    let (code, v) = verify(&s3, &bucket, &pk);
+    let (code, v) = verify(s3, &bucket, &pk);
     assert_eq!((code, v["open_uploads"].as_u64()), (1, Some(1)), "{v}");
     let mut c = cachepush();
     s3.creds(&mut c);
@@ -1258,7 +1263,7 @@ fn multipart_uploads_are_aborted_on_every_failure_path() {
             .arg(s3.url(&bucket, "")),
     );
     assert!(s3.open_uploads(&bucket, "").is_empty());
-    assert_verified(&s3, &bucket, &pk, 1);
+    assert_verified(s3, &bucket, &pk, 1);
 
     // Complete's answer lost (the server completed it), its retry told NoSuchUpload: a
     // HEAD of the object confirms the success.
@@ -1268,7 +1273,7 @@ fn multipart_uploads_are_aborted_on_every_failure_path() {
     proxy.clear_log();
     proxy.add(complete(1, Fault::Truncate));
     proxy.add(complete(1, Fault::Status(404, "NoSuchUpload", None)));
-    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
+    let o = push(s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
     assert!(o.status.success(), "{}", stderr_of(&o));
     assert!(proxy.injected() >= 2);
     let log = proxy.log();
@@ -1283,5 +1288,5 @@ fn multipart_uploads_are_aborted_on_every_failure_path() {
             && l.started >= no_such_upload.ended),
         "no HEAD of {nar} after the NoSuchUpload"
     );
-    assert_verified(&s3, &bucket, &pk, 3);
+    assert_verified(s3, &bucket, &pk, 3);
 }
