@@ -294,3 +294,110 @@ fn decompress_and_hash(
     }
     Ok((Sha256::from_bytes(hasher.finalize().into()), total))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{SecretKey, StoreDir};
+    use crate::storage::{LocalDir, content_type};
+
+    /// A one-path cache written by hand (uncompressed NAR), signed by `key`; returns its
+    /// narinfo text.
+    async fn one_path_cache(s: &LocalDir, key: &SecretKey, refs: &[&str]) -> String {
+        let nar = b"nix-archive-1 pretend".to_vec();
+        let hash = Sha256::digest(&nar);
+        let dir = StoreDir::default();
+        let mut ni = NarInfo {
+            store_path: dir
+                .parse_path("/nix/store/h7jx3wrzn6m9vjl9604id854qx1xyqw6-hello")
+                .unwrap(),
+            store_dir: dir.clone(),
+            url: format!("nar/{}.nar", hash.nix32()),
+            compression: "none".into(),
+            file_hash: Some(hash),
+            file_size: Some(nar.len() as u64),
+            nar_hash: hash,
+            nar_size: nar.len() as u64,
+            references: refs.iter().map(|r| dir.parse_path(r).unwrap()).collect(),
+            deriver: None,
+            system: None,
+            sigs: vec![],
+            ca: None,
+        };
+        ni.sign(key);
+        s.put(&ni.url, content_type::NAR, Bytes::from(nar))
+            .await
+            .unwrap();
+        s.put(
+            "nix-cache-info",
+            content_type::CACHE_INFO,
+            Bytes::from_static(b"StoreDir: /nix/store\n"),
+        )
+        .await
+        .unwrap();
+        let text = ni.to_string();
+        s.put(
+            "h7jx3wrzn6m9vjl9604id854qx1xyqw6.narinfo",
+            content_type::NARINFO,
+            Bytes::from(text.clone()),
+        )
+        .await
+        .unwrap();
+        text
+    }
+
+    fn opts(key: &SecretKey, full: bool) -> VerifyOptions {
+        VerifyOptions {
+            trusted: vec![key.public()],
+            full,
+            concurrency: 4,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_whole_cache_passes_and_each_damage_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = LocalDir::open(tmp.path()).unwrap();
+        let key = SecretKey::generate("v-1").unwrap();
+        let text = one_path_cache(&s, &key, &[]).await;
+        let r = verify(&s, &opts(&key, true)).await.unwrap();
+        assert_eq!((r.narinfos, r.nars_checked), (1, 1));
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+
+        let problems = |r: VerifyReport| -> Vec<String> {
+            r.problems.into_iter().map(|p| p.problem).collect()
+        };
+        // Another key trusted: the signature does not count.
+        let other = SecretKey::generate("v-2").unwrap();
+        let p = problems(verify(&s, &opts(&other, false)).await.unwrap());
+        assert!(p.iter().any(|x| x.contains("no valid signature")), "{p:?}");
+        // A reference without a narinfo.
+        let key_name = "h7jx3wrzn6m9vjl9604id854qx1xyqw6.narinfo";
+        let refs = ["/nix/store/0zmlp8zf0ryq8vcpzbqbzgncrnn1q1xa-dep"];
+        one_path_cache(&s, &key, &refs).await;
+        let p = problems(verify(&s, &opts(&key, false)).await.unwrap());
+        assert!(
+            p.iter().any(|x| x.contains("which has no narinfo")),
+            "{p:?}"
+        );
+        // Unreadable, and no nix-cache-info.
+        s.put(
+            key_name,
+            content_type::NARINFO,
+            Bytes::from_static(b"garbage\n"),
+        )
+        .await
+        .unwrap();
+        s.delete("nix-cache-info").await.unwrap();
+        let r = verify(&s, &opts(&key, false)).await.unwrap();
+        let keys: Vec<&str> = r.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, vec![key_name, "nix-cache-info"], "{:?}", r.problems);
+        // Restored: clean again.
+        s.put(key_name, content_type::NARINFO, Bytes::from(text))
+            .await
+            .unwrap();
+        one_path_cache(&s, &key, &[]).await;
+        let r = verify(&s, &opts(&key, true)).await.unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    }
+}
