@@ -86,6 +86,14 @@ impl LocalStore {
         })
     }
 
+    /// A store whose files are under `store_dir` (tests build such stores by hand).
+    pub fn with_store_dir(store_dir: StoreDir) -> Self {
+        LocalStore {
+            store_dir,
+            nix: PathBuf::from("nix"),
+        }
+    }
+
     pub fn store_dir(&self) -> &StoreDir {
         &self.store_dir
     }

@@ -282,3 +282,234 @@ async fn upload_nar<S: Storage>(
     }
     Ok(ni)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::nar;
+    use crate::storage::local::LocalStaged;
+    use crate::storage::{LocalDir, ObjectBytes, StorageError};
+    use std::sync::Mutex;
+
+    /// A local cache that records the order in which objects became visible, and refuses
+    /// the narinfo PUTs it is told to.
+    struct Recording {
+        inner: LocalDir,
+        log: Arc<Mutex<Vec<String>>>,
+        refuse: HashSet<String>,
+    }
+
+    struct RecStaged {
+        inner: LocalStaged,
+        key: String,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Staged for RecStaged {
+        async fn commit(self) -> Result<u64, StorageError> {
+            let n = self.inner.commit().await?;
+            self.log.lock().unwrap().push(self.key);
+            Ok(n)
+        }
+        async fn abort(self) {
+            self.inner.abort().await
+        }
+    }
+
+    impl Storage for Recording {
+        type Staged = RecStaged;
+        fn describe(&self) -> String {
+            "recording".into()
+        }
+        async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+            self.inner.head(key).await
+        }
+        async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+            self.inner.get(key).await
+        }
+        async fn put(&self, key: &str, ct: &'static str, body: Bytes) -> Result<(), StorageError> {
+            if self.refuse.contains(key) {
+                return Err(StorageError::Denied {
+                    op: "PUT",
+                    key: key.into(),
+                    message: "refused by the test".into(),
+                });
+            }
+            self.inner.put(key, ct, body).await?;
+            self.log.lock().unwrap().push(key.to_owned());
+            Ok(())
+        }
+        async fn put_if_absent(
+            &self,
+            key: &str,
+            ct: &'static str,
+            body: Bytes,
+        ) -> Result<bool, StorageError> {
+            self.inner.put_if_absent(key, ct, body).await
+        }
+        async fn stage(
+            &self,
+            key: &str,
+            ct: &'static str,
+            size_hint: u64,
+            body: mpsc::Receiver<Bytes>,
+        ) -> Result<RecStaged, StorageError> {
+            Ok(RecStaged {
+                inner: self.inner.stage(key, ct, size_hint, body).await?,
+                key: key.to_owned(),
+                log: self.log.clone(),
+            })
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.inner.delete(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+            self.inner.list(prefix).await
+        }
+        async fn read(&self, key: &str) -> Result<Option<ObjectBytes>, StorageError> {
+            self.inner.read(key).await
+        }
+    }
+
+    /// A store path made by hand under `dir`, with its true NarHash (or a wrong one).
+    fn path(store: &Path, dir: &StoreDir, name: &str, refs: &[&PathInfo], lie: bool) -> PathInfo {
+        let hash = crate::format::nix32::encode(&Sha256::digest(name.as_bytes()).as_bytes()[..20]);
+        let base = format!("{hash}-{name}");
+        std::fs::write(
+            store.join(&base),
+            format!("{name} refers to {}", refs.len()),
+        )
+        .unwrap();
+        let mut bytes = Vec::new();
+        nar::dump_path(&store.join(&base), &mut bytes).unwrap();
+        let p = dir.parse_path(&format!("{}/{base}", dir.as_str())).unwrap();
+        let mut references: Vec<StorePath> = refs.iter().map(|r| r.path.clone()).collect();
+        references.sort();
+        PathInfo {
+            path: p,
+            nar_hash: if lie {
+                Sha256::digest(b"something else")
+            } else {
+                Sha256::digest(&bytes)
+            },
+            nar_size: bytes.len() as u64,
+            references,
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        }
+    }
+
+    use crate::format::Sha256;
+    use std::path::Path;
+
+    #[tokio::test]
+    async fn order_failure_propagation_and_the_hash_gate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store_root = tmp.path().join("store");
+        std::fs::create_dir_all(&store_root).unwrap();
+        let dir = StoreDir::new(store_root.to_str().unwrap()).unwrap();
+        let store = LocalStore::with_store_dir(dir.clone());
+        // a <- b <- c (c does not refer to a), d alone, e lies about its hash, f refers to e.
+        let a = path(&store_root, &dir, "a", &[], false);
+        let b = path(&store_root, &dir, "b", &[&a], false);
+        let c = path(&store_root, &dir, "c", &[&b], false);
+        let d = path(&store_root, &dir, "d", &[], false);
+        let e = path(&store_root, &dir, "e", &[], true);
+        let f = path(&store_root, &dir, "f", &[&e], false);
+        let narinfo = |p: &PathInfo| format!("{}.narinfo", p.path.hash_part());
+        let cache = tmp.path().join("cache");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let storage = Arc::new(Recording {
+            inner: LocalDir::open(&cache).unwrap(),
+            log: log.clone(),
+            refuse: [narinfo(&a)].into(),
+        });
+        let plan = Plan {
+            closure: 6,
+            present: vec![],
+            signed_elsewhere: vec![],
+            upstream: vec![],
+            to_send: vec![
+                a.clone(),
+                b.clone(),
+                c.clone(),
+                d.clone(),
+                e.clone(),
+                f.clone(),
+            ],
+            upstream_errors: vec![],
+            repaired: vec![],
+            listing_error: None,
+        };
+        let opts = PushOptions {
+            compression: Compression::None,
+            jobs: 2,
+            signing_key: Some(Arc::new(SecretKey::generate("sched-1").unwrap())),
+        };
+        let report = execute(&store, storage.clone(), plan, &opts, &|_| {}).await;
+        assert_eq!(report.pushed, 1, "{:?}", report.failed);
+        let failed: HashMap<String, String> = report
+            .failed
+            .iter()
+            .map(|(p, e)| (p.name().to_owned(), e.to_string()))
+            .collect();
+        assert_eq!(failed.len(), 5, "{failed:?}");
+        assert!(failed["a"].contains("refused by the test"), "{failed:?}");
+        assert!(failed["b"].contains("its reference") && failed["b"].contains("-a"));
+        assert!(failed["c"].contains("its reference") && failed["c"].contains("-b"));
+        assert!(failed["e"].contains("NAR hash mismatch"), "{failed:?}");
+        assert!(failed["f"].contains("its reference") && failed["f"].contains("-e"));
+
+        // Only d is visible, its NAR before its narinfo; nothing of e was committed.
+        let log = log.lock().unwrap().clone();
+        let d_nar = log
+            .iter()
+            .position(|k| k.starts_with("nar/") && k.contains(&d.nar_hash.nix32()));
+        let d_info = log.iter().position(|k| *k == narinfo(&d));
+        assert!(d_nar.is_some() && d_nar < d_info, "{log:?}");
+        assert!(
+            !log.iter().any(|k| k.contains(&e.nar_hash.nix32())),
+            "{log:?}"
+        );
+        for p in [&a, &b, &c, &e, &f] {
+            assert!(!log.contains(&narinfo(p)), "{} published: {log:?}", p.path);
+        }
+
+        // Nothing refused: each narinfo comes after its NAR and its references' narinfos.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let storage = Arc::new(Recording {
+            inner: LocalDir::open(&tmp.path().join("cache2")).unwrap(),
+            log: log.clone(),
+            refuse: HashSet::new(),
+        });
+        let plan = Plan {
+            closure: 4,
+            present: vec![],
+            signed_elsewhere: vec![],
+            upstream: vec![],
+            to_send: vec![a.clone(), b.clone(), c.clone(), d.clone()],
+            upstream_errors: vec![],
+            repaired: vec![],
+            listing_error: None,
+        };
+        let report = execute(&store, storage, plan, &opts, &|_| {}).await;
+        assert_eq!((report.pushed, report.failed.len()), (4, 0));
+        let log = log.lock().unwrap().clone();
+        let at = |k: &str| {
+            log.iter()
+                .position(|x| x == k)
+                .unwrap_or_else(|| panic!("{k}: {log:?}"))
+        };
+        for p in [&a, &b, &c, &d] {
+            let nar = format!("nar/{}.nar", p.nar_hash.nix32());
+            assert!(at(&nar) < at(&narinfo(p)), "{log:?}");
+            for r in &p.references {
+                assert!(
+                    at(&format!("{}.narinfo", r.hash_part())) < at(&narinfo(p)),
+                    "{log:?}"
+                );
+            }
+        }
+    }
+}
