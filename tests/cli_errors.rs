@@ -410,3 +410,52 @@ fn unreachable_or_refused_targets_exit_3() {
 fn nothing_written(cache: &Path) -> bool {
     !cache.exists()
 }
+
+/// `verify` of a cache it cannot reach, and a gateway that cannot bind its address, exit
+/// 3 with one error line naming the cause; their twins (a reachable cache, a free
+/// address) work.
+#[test]
+fn unreachable_caches_and_taken_addresses_exit_3() {
+    use common::s3::S3;
+    let s3 = S3::seaweedfs();
+    let bucket = s3.new_bucket("exit3v");
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let o = c
+        .args(["verify", "--read-timeout", "1"])
+        .arg(format!(
+            "s3://{bucket}?endpoint=http://127.0.0.1:9&region=us-east-1"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
+    let errs = error_lines(&o);
+    assert!(
+        errs.len() == 1 && errs[0].contains("cannot reach"),
+        "{errs:?}"
+    );
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    run_ok(
+        c.args(["copy", "-q", "--to", &s3.url(&bucket, "")])
+            .arg(shared_top()),
+    );
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    run_ok(c.arg("verify").arg(s3.url(&bucket, "")));
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let o = c
+        .args(["gateway", "--from", &s3.url(&bucket, ""), "--listen", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
+    let errs = error_lines(&o);
+    assert!(
+        errs.len() == 1 && errs[0].contains(&format!("cannot listen on {addr}")),
+        "{errs:?}"
+    );
+}

@@ -359,26 +359,42 @@ fn permanent_faults_fail_clearly_and_leave_a_consistent_cache() {
 #[test]
 fn two_pushers_of_the_same_closure_at_once() {
     let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
     let tmp = tempfile::tempdir().unwrap();
     let (sk, pk) = keygen(tmp.path(), "faults-1");
     let top = big(&unique("concurrent"));
     let bucket = s3.new_bucket("concurrent");
+    // Each pusher's first part is held for 2 s, so both have planned (and found nothing)
+    // before either publishes anything: they really race.
+    proxy.add(Rule {
+        method: "PUT",
+        target: "partNumber=1&",
+        times: 2,
+        fault: Fault::Stall(Duration::from_secs(2)),
+    });
     let spawn = || {
         let mut c = cachepush();
         s3.creds(&mut c);
         c.arg("copy")
             .arg("--to")
             .arg(s3.url(&bucket, ""))
+            .arg("--endpoint")
+            .arg(proxy.endpoint())
             .arg("--signing-key")
             .arg(&sk)
-            .args(["--part-size", "5", "--compression", "none"])
+            .args(["--part-size", "5", "--compression", "none", "--json"])
             .arg(&top)
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap()
     };
-    let (mut a, mut b) = (spawn(), spawn());
-    assert!(a.wait().unwrap().success());
-    assert!(b.wait().unwrap().success());
+    let (a, b) = (spawn(), spawn());
+    for o in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {
+        assert!(o.status.success());
+        let j = json(&o);
+        assert_eq!(j["to_push"], 3, "the pushers did not overlap: {j}");
+    }
+    assert_eq!(proxy.injected(), 2);
     assert_verified(&s3, &bucket, &pk, 3);
 }
 

@@ -1445,3 +1445,32 @@ fn listings_logs_generated_cache_info_negative_ttl_and_presign_expiry() {
         stderr_of(&o)
     );
 }
+
+/// The gateway's settings: flag > `CACHEPUSH_GATEWAY_*` variable > `--config` file, seen in
+/// the `nix-cache-info` it generates for a bucket without one.
+#[test]
+fn gateway_settings_precedence_flag_env_file() {
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = s3.new_bucket("gwprec");
+    let config = tmp.path().join("gateway.toml");
+    std::fs::write(&config, "priority = 11\n").unwrap();
+    let priority = |env: bool, flag: bool| {
+        let mut c = gateway_cmd(&s3, &bucket, &["--config", config.to_str().unwrap()]);
+        if env {
+            c.env("CACHEPUSH_GATEWAY_PRIORITY", "12");
+        }
+        if flag {
+            c.args(["--priority", "13"]);
+        }
+        let gw = Gateway::start(c);
+        let text = get(gw.addr, "/nix-cache-info").text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("Priority: "))
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_owned()
+    };
+    assert_eq!(priority(true, true), "13");
+    assert_eq!(priority(true, false), "12");
+    assert_eq!(priority(false, false), "11");
+}

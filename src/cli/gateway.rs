@@ -356,9 +356,11 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
                 "warning: the bucket is not usable now ({e}); serving anyway, with 5xx answers and /healthz reporting it until it is"
             ),
         }
+        // An address that cannot be bound (in use, not ours) is the environment, not the
+        // command line: exit 3, as for a target that cannot be reached.
         gateway::serve(cfg, bucket, interrupted())
             .await
-            .map_err(|e| Failure::input(e.to_string()))
+            .map_err(|e| Failure::target(e.to_string()))
     })?;
     Ok(ExitCode::SUCCESS)
 }
