@@ -490,6 +490,24 @@ fn bad_requests_get_their_exact_4xx_without_touching_the_bucket() {
         ),
         ("DELETE", "DELETE /nar/x".into(), String::new(), 405),
         (
+            "PUT",
+            format!("PUT /{}.narinfo", "0".repeat(32)),
+            "Content-Length: 0\r\n".into(),
+            405,
+        ),
+        (
+            "OPTIONS",
+            "OPTIONS /nix-cache-info".into(),
+            String::new(),
+            405,
+        ),
+        (
+            "PATCH",
+            "PATCH /nix-cache-info".into(),
+            "Content-Length: 0\r\n".into(),
+            405,
+        ),
+        (
             "unknown route",
             "GET /index.html".into(),
             String::new(),
@@ -1176,6 +1194,15 @@ fn a_missing_bucket_is_5xx_and_authenticated_answers_are_private() {
                 s3.name,
                 gone.log_text()
             );
+            // The body is generic: no bucket name, no S3 error code or message.
+            for leak in ["no-such-bucket", "NoSuchBucket", "does not exist", "s3://"] {
+                assert!(
+                    !r.text().contains(leak),
+                    "{}: {path}: {}",
+                    s3.name,
+                    r.text()
+                );
+            }
         }
         assert!(
             gone.log_text().contains("does not exist"),

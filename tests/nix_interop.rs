@@ -270,3 +270,90 @@ fn no_closure_and_stdin_select_exactly_the_paths_given() {
     let hash = &top.file_name().unwrap().to_str().unwrap()[..32];
     assert!(files[0].ends_with(format!("{hash}.narinfo")));
 }
+
+/// A cache URL's own `compression=` and `secret-key=` work as Nix's do, end to end (Nix
+/// substitutes the result); a flag wins over the URL's parameter.
+#[test]
+fn url_parameters_compression_and_secret_key_work_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let top = shared_top();
+    let (sk, pk) = keygen(tmp.path(), "urlparams-1");
+    let (other_sk, _) = keygen(tmp.path(), "flagkey-1");
+    let cache = tmp.path().join("c");
+    let url = format!(
+        "file://{}?compression=xz&secret-key={}",
+        cache.display(),
+        sk.display()
+    );
+    run_ok(cachepush().args(["copy", "-q", "--to", &url]).arg(top));
+    for f in narinfos(&cache) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            text.contains("Compression: xz\n") && text.contains("Sig: urlparams-1:"),
+            "{text}"
+        );
+    }
+    let dest = tmp.path().join("dest");
+    let out = nix_substitute(&format!("file://{}", cache.display()), &dest, top, &pk);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+
+    let cache2 = tmp.path().join("c2");
+    let url2 = format!(
+        "file://{}?compression=xz&secret-key={}",
+        cache2.display(),
+        sk.display()
+    );
+    run_ok(
+        cachepush()
+            .args(["copy", "-q", "--compression", "zstd", "--signing-key"])
+            .arg(&other_sk)
+            .args(["--to", &url2])
+            .arg(top),
+    );
+    for f in narinfos(&cache2) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            text.contains("Compression: zstd\n") && text.contains("Sig: flagkey-1:"),
+            "{text}"
+        );
+        assert!(!text.contains("Sig: urlparams-1:"), "{text}");
+    }
+}
+
+/// Two store paths with the same contents have the same NAR: it is stored once, and both
+/// narinfos point at it.
+#[test]
+fn identical_nars_are_stored_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let salt = unique("twins");
+    let expr = format!(
+        "let twin = name: derivation {{ inherit name; salt = \"{salt}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo same > $out\" ]; }}; in [ (twin \"twin-a\") (twin \"twin-b\") ]"
+    );
+    let out = run_ok(
+        Command::new("nix-build")
+            .args(["--no-out-link", "-E", &expr])
+            .args(["--option", "substituters", ""]),
+    );
+    let paths: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    let cache = tmp.path().join("c");
+    run_ok(
+        cachepush()
+            .args(["copy", "-q", "--to", &format!("file://{}", cache.display())])
+            .args(&paths),
+    );
+    let urls: Vec<String> = narinfos(&cache)
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("URL: "))
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(urls.len(), 2);
+    assert_eq!(urls[0], urls[1], "identical contents, two NARs");
+    assert_eq!(std::fs::read_dir(cache.join("nar")).unwrap().count(), 1);
+}

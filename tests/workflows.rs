@@ -1136,3 +1136,48 @@ fn no_secret_reaches_any_output() {
     }
     assert!(seen.len() > 1000, "the runs printed almost nothing: {seen}");
 }
+
+/// README's flag table: every flag it lists exists on `copy`, bound to the environment
+/// variable it names (clap prints the binding in `--help`).
+#[test]
+fn the_readmes_flag_table_matches_the_cli() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let help = stdout(&run_ok(cachepush().args(["copy", "--help"])));
+    let mut rows = 0;
+    for line in readme.lines().filter(|l| l.starts_with("| `-")) {
+        let line = line.replace("\\|", "/");
+        let cols: Vec<&str> = line.split('|').map(str::trim).skip(1).collect();
+        let flags: Vec<&str> = cols[0]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .flat_map(|w| w.split_whitespace().filter(|t| t.starts_with('-')))
+            .map(|t| t.trim_end_matches(','))
+            .collect();
+        assert!(!flags.is_empty(), "{line}");
+        for f in &flags {
+            assert!(
+                help.contains(f),
+                "README lists {f}, `copy --help` has no such flag"
+            );
+        }
+        let env = cols.get(1).map_or("", |c| c.trim_matches('`'));
+        if env == "CACHEPUSH_S3_*" {
+            for f in flags.iter().filter(|f| f.starts_with("--")) {
+                let var = format!("CACHEPUSH_S3_{}", f[2..].to_uppercase().replace('-', "_"));
+                assert!(
+                    help.contains(&format!("[env: {var}=")),
+                    "{f}: {var} not bound"
+                );
+            }
+        } else if !env.is_empty() {
+            assert!(
+                help.contains(&format!("[env: {env}=")),
+                "{line}: {env} not bound"
+            );
+        }
+        rows += 1;
+    }
+    assert!(rows >= 15, "only {rows} rows of the flag table found");
+}
