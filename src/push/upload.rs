@@ -410,6 +410,27 @@ mod tests {
         std::fs::create_dir_all(&store_root).unwrap();
         let dir = StoreDir::new(store_root.to_str().unwrap()).unwrap();
         let store = LocalStore::with_store_dir(dir.clone());
+        // g cannot be read whole: a file, then a socket the NAR format has no place for.
+        let g_base = format!(
+            "{}-g",
+            crate::format::nix32::encode(&Sha256::digest(b"g").as_bytes()[..20])
+        );
+        std::fs::create_dir_all(store_root.join(&g_base)).unwrap();
+        std::fs::write(store_root.join(&g_base).join("a-file"), vec![7u8; 3 << 20]).unwrap();
+        let _socket =
+            std::os::unix::net::UnixListener::bind(store_root.join(&g_base).join("z-socket"))
+                .unwrap();
+        let g = PathInfo {
+            path: dir
+                .parse_path(&format!("{}/{g_base}", dir.as_str()))
+                .unwrap(),
+            nar_hash: Sha256::digest(b"unknowable"),
+            nar_size: 3 << 20,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
         // a <- b <- c (c does not refer to a), d alone, e lies about its hash, f refers to e.
         let a = path(&store_root, &dir, "a", &[], false);
         let b = path(&store_root, &dir, "b", &[&a], false);
@@ -426,7 +447,7 @@ mod tests {
             refuse: [narinfo(&a)].into(),
         });
         let plan = Plan {
-            closure: 6,
+            closure: 7,
             present: vec![],
             signed_elsewhere: vec![],
             upstream: vec![],
@@ -437,6 +458,7 @@ mod tests {
                 d.clone(),
                 e.clone(),
                 f.clone(),
+                g.clone(),
             ],
             upstream_errors: vec![],
             repaired: vec![],
@@ -454,7 +476,8 @@ mod tests {
             .iter()
             .map(|(p, e)| (p.name().to_owned(), e.to_string()))
             .collect();
-        assert_eq!(failed.len(), 5, "{failed:?}");
+        assert_eq!(failed.len(), 6, "{failed:?}");
+        assert!(failed["g"].contains("reading the store path"), "{failed:?}");
         assert!(failed["a"].contains("refused by the test"), "{failed:?}");
         assert!(failed["b"].contains("its reference") && failed["b"].contains("-a"));
         assert!(failed["c"].contains("its reference") && failed["c"].contains("-b"));
@@ -472,9 +495,20 @@ mod tests {
             !log.iter().any(|k| k.contains(&e.nar_hash.nix32())),
             "{log:?}"
         );
-        for p in [&a, &b, &c, &e, &f] {
+        for p in [&a, &b, &c, &e, &f, &g] {
             assert!(!log.contains(&narinfo(p)), "{} published: {log:?}", p.path);
         }
+        // The half-read NAR and the lying one were aborted: nothing of them under nar/, and
+        // no temp file left. (NARs whose narinfo failed later may stay: unreferenced.)
+        let nars: Vec<_> = std::fs::read_dir(tmp.path().join("cache/nar"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        for gone in [&e, &g] {
+            let name = format!("{}.nar", gone.nar_hash.nix32());
+            assert!(!nars.contains(&name), "{}: {nars:?}", gone.path);
+        }
+        assert!(!nars.iter().any(|n| n.starts_with(".tmp-")), "{nars:?}");
 
         // Nothing refused: each narinfo comes after its NAR and its references' narinfos.
         let log = Arc::new(Mutex::new(Vec::new()));
