@@ -501,7 +501,9 @@ fn interrupted_at_each_stage_leaves_a_consistent_cache() {
             method,
             target,
             times: usize::MAX,
-            fault: Fault::Stall(Duration::from_secs(30)),
+            // Held, then dropped, never forwarded: a request from the killed process must
+            // not reach the server after the cache was checked.
+            fault: Fault::StallThenDrop(Duration::from_secs(30)),
         });
         let before = proxy.injected();
         let mut c = cachepush();
