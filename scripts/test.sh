@@ -51,3 +51,10 @@ if [ $# -eq 0 ]; then
   say "benchmark smoke run (benches/run.sh --short)"
   benches/run.sh --short
 fi
+
+# The README's main job, end to end (its release build is the benchmark's), on a port of
+# its own next to the test servers.
+if [ $# -eq 0 ]; then
+  say "the main job end to end (scripts/demo.sh)"
+  CACHEPUSH_SEAWEED_PORT=$(( ${CACHEPUSH_SEAWEED_PORT:-9400} + 10 )) scripts/demo.sh
+fi
