@@ -352,7 +352,19 @@ fn fuzz_store_paths_and_cache_urls() {
             assert_eq!(p.to_string(), t);
         }
         let _ = StoreDir::default().parse_path(t);
-        let _ = TargetUrl::parse(t);
+        // Whatever parses names something usable: an absolute directory, or a bucket
+        // name without a slash and a prefix without empty segments at its ends; and
+        // parsing the same text twice gives the same answer.
+        if let Ok(u) = TargetUrl::parse(t) {
+            match &u {
+                TargetUrl::File { dir, .. } => assert!(dir.is_absolute(), "{t}: {dir:?}"),
+                TargetUrl::S3 { bucket, prefix, .. } => {
+                    assert!(!bucket.is_empty() && !bucket.contains('/'), "{t}");
+                    assert!(!prefix.starts_with('/') && !prefix.ends_with('/'), "{t}");
+                }
+            }
+            assert_eq!(TargetUrl::parse(t).ok(), Some(u), "{t}");
+        }
     });
 }
 
