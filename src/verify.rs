@@ -323,6 +323,7 @@ mod tests {
             system: None,
             sigs: vec![],
             ca: None,
+            extra: vec![],
         };
         ni.sign(key);
         s.put(&ni.url, content_type::NAR, Bytes::from(nar))

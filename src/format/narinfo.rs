@@ -52,6 +52,11 @@ pub struct NarInfo {
     pub system: Option<String>,
     pub sigs: Vec<Signature>,
     pub ca: Option<String>,
+    /// Fields cachepush does not know (Determinate Nix's `Provenance:`, other tools' own),
+    /// kept verbatim and in order, and written back after the known ones: Nix ignores
+    /// them, so must a reader, and a gateway that re-signs must not drop them. They are
+    /// outside the signature's fingerprint, as in Nix.
+    pub extra: Vec<(String, String)>,
 }
 
 /// The text a signature covers: `1;<path>;<NarHash>;<NarSize>;<refs, comma-joined>`.
@@ -98,7 +103,8 @@ impl NarInfo {
             .any(|s| keys.iter().any(|k| k.verifies(&fp, s)))
     }
 
-    /// Parses a narinfo strictly.
+    /// Parses a narinfo: the fields Nix defines strictly (an error names the line), any
+    /// other field kept as it is.
     pub fn parse(text: &str) -> Result<Self, NarInfoError> {
         let mut p = Fields::default();
         for (i, line) in text.lines().enumerate() {
@@ -131,6 +137,7 @@ struct Fields {
     system: Option<String>,
     sigs: Vec<Signature>,
     ca: Option<String>,
+    extra: Vec<(String, String)>,
     seen: Vec<&'static str>,
 }
 
@@ -227,7 +234,17 @@ impl Fields {
                 self.once("CA")?;
                 self.ca = Some(v.to_owned());
             }
-            other => return Err(format!("unknown field {other:?}")),
+            other => {
+                // A field name is one word; anything else is a corrupt line, not a field.
+                if other.is_empty()
+                    || !other
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(format!("{other:?} is not a field name"));
+                }
+                self.extra.push((other.to_owned(), v.to_owned()));
+            }
         }
         Ok(())
     }
@@ -253,6 +270,7 @@ impl Fields {
             system: self.system,
             sigs: self.sigs,
             ca: self.ca,
+            extra: self.extra,
         })
     }
 }
@@ -283,6 +301,9 @@ impl fmt::Display for NarInfo {
         }
         if let Some(ca) = &self.ca {
             writeln!(f, "CA: {ca}")?;
+        }
+        for (k, v) in &self.extra {
+            writeln!(f, "{k}: {v}")?;
         }
         Ok(())
     }
@@ -406,5 +427,35 @@ Sig: test-1:Z11f4c7BozoGRFEhMGhtFmnYd6YykBTUGlqGQuA2ylCuk4nXNHguuNDNEbX1PNT97/gG
         // A Sig: whose base64 is the wrong length is refused when parsed.
         let bad = SAMPLE.replace("\nSig: ", "\nSig: cache-1:AAAA\nSig: ");
         assert!(NarInfo::parse(&bad).is_err());
+    }
+
+    /// Fields written by other tools are kept, in order, and written back; the known
+    /// fields stay strict, and the signature (whose fingerprint ignores them) still holds.
+    #[test]
+    fn unknown_fields_are_kept_verbatim_and_outside_the_signature() {
+        let key = SecretKey::generate("cache-1").unwrap();
+        let mut signed = NarInfo::parse(SAMPLE).unwrap();
+        signed.sigs.clear();
+        signed.sign(&key);
+        let extra = "Provenance: {\"flake\":\"github:o/r\",\"attr\":\"hello\"}\nX-Tool-Field: 1 2  3\nEmpty:\n";
+        let text = format!("{signed}{extra}");
+        let ni = NarInfo::parse(&text).unwrap();
+        assert_eq!(
+            ni.extra,
+            vec![
+                (
+                    "Provenance".to_owned(),
+                    "{\"flake\":\"github:o/r\",\"attr\":\"hello\"}".to_owned()
+                ),
+                ("X-Tool-Field".to_owned(), "1 2  3".to_owned()),
+                ("Empty".to_owned(), String::new()),
+            ]
+        );
+        assert_eq!(ni.to_string().replace("Empty: \n", "Empty:\n"), text);
+        assert!(ni.is_signed_by_any(&[key.public()]));
+        // Known fields are as strict as before, and a line that is no field is refused.
+        assert!(NarInfo::parse(&format!("{text}NarSize: 7\n")).is_err());
+        assert!(NarInfo::parse(&format!("{text}Bad Key: x\n")).is_err());
+        assert!(NarInfo::parse(&format!("{text}no colon here\n")).is_err());
     }
 }

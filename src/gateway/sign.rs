@@ -119,6 +119,7 @@ mod tests {
             system: None,
             sigs: vec![],
             ca: None,
+            extra: vec![],
         }
     }
 
@@ -200,5 +201,29 @@ mod tests {
             signer.apply(HASH, b"StorePath: nonsense\n"),
             Err(SignRefusal::Unreadable(_))
         ));
+    }
+
+    /// Security review L18: a narinfo written by another tool, with fields cachepush does
+    /// not know, is countersigned with those fields kept.
+    #[test]
+    fn fields_of_other_tools_survive_countersigning() {
+        let gw = SecretKey::generate("gw-1").unwrap();
+        let ci = SecretKey::generate("ci-1").unwrap();
+        let signer = Countersigner::new(gw, vec![ci.public()], false).unwrap();
+        let mut ni = narinfo(&path());
+        ni.sign(&ci);
+        let text = format!("{ni}Provenance: {{\"by\":\"determinate\"}}\n");
+        let Ok(Countersigned::Signed(out)) = signer.apply(HASH, text.as_bytes()) else {
+            panic!("not countersigned")
+        };
+        let out = std::str::from_utf8(&out).unwrap();
+        assert!(
+            out.contains("Provenance: {\"by\":\"determinate\"}\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Sig: gw-1:") && out.contains("Sig: ci-1:"),
+            "{out}"
+        );
     }
 }

@@ -276,6 +276,7 @@ async fn upload_nar<S: Storage>(
         system: None,
         sigs: info.sigs,
         ca: info.ca,
+        extra: vec![],
     };
     if let Some(key) = &opts.signing_key {
         ni.sign(key);
