@@ -384,6 +384,15 @@ fn unreachable_or_refused_targets_exit_3() {
             "access denied",
         ),
         (
+            "no credentials at all",
+            run(
+                &seaweed,
+                seaweed.url(&bucket, ""),
+                &[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")],
+            ),
+            "no AWS credentials were found",
+        ),
+        (
             // SeaweedFS creates buckets on first write; Ceph says NoSuchBucket.
             "no such bucket",
             run(&ceph, ceph.url(&unique("no-such-bucket"), ""), &[]),

@@ -434,10 +434,18 @@ where
             c.message = "request timed out".into();
         }
         SdkError::DispatchFailure(d) => {
+            let chain = crate::error_chain(err);
+            // The SDK reports "no credentials anywhere" as a failure to dispatch; it is
+            // neither the network nor worth retrying, and the user must hear what it is.
+            if chain.contains("provided credentials") || chain.contains("loading credentials") {
+                c.denied = true;
+                c.message = "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or give the job a role (CI web identity, instance profile)".into();
+                return c;
+            }
             c.transient = d.is_io() || d.is_timeout() || d.is_other();
             c.unreachable = true;
             c.timeout = d.is_timeout();
-            c.message = format!("cannot reach the endpoint: {}", crate::error_chain(err));
+            c.message = format!("cannot reach the endpoint: {chain}");
         }
         SdkError::ResponseError(_) => {
             c.transient = true;
