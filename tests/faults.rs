@@ -1314,3 +1314,52 @@ fn multipart_abort_paths(s3: &S3) {
     );
     assert_verified(s3, &bucket, &pk, 3);
 }
+
+/// A server without ListMultipartUploads (501 NotImplemented): verify says once what it
+/// could not check and checks the rest, instead of stopping; its twin on the full server
+/// checks everything.
+#[test]
+fn verify_carries_on_when_listing_uploads_is_not_implemented() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let bucket = s3.new_bucket("no501");
+    let top = build("", &unique("no-list-uploads"));
+    assert!(
+        push(&s3, &s3.endpoint, &bucket, &sk, &[], &top)
+            .status
+            .success()
+    );
+    let run = || {
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        c.args(["verify", "--json", "--trusted-key", &pk, "--endpoint"])
+            .arg(proxy.endpoint())
+            .arg(s3.url(&bucket, ""))
+            .output()
+            .unwrap()
+    };
+    proxy.add(Rule {
+        method: "GET",
+        target: "uploads",
+        times: usize::MAX,
+        fault: Fault::Status(501, "NotImplemented", None),
+    });
+    let o = run();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    let v = json(&o);
+    assert_eq!(v["narinfos"], closure_of(&top).len(), "{v}");
+    assert!(
+        v["not_checked"]
+            .to_string()
+            .contains("open multipart uploads"),
+        "{v}"
+    );
+    assert!(stderr_of(&o).contains("not checked"), "{}", stderr_of(&o));
+    assert!(proxy.injected() >= 1);
+    proxy.clear();
+    let o = run();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert_eq!(json(&o)["not_checked"], serde_json::json!([]));
+}

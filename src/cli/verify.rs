@@ -92,6 +92,9 @@ async fn check<S: Storage>(
     let report: VerifyReport = verify(s, opts)
         .await
         .map_err(|e| Failure::target(format!("cannot read {}: {e}", s.describe())))?;
+    for n in &report.not_checked {
+        eprintln!("warning: not checked: {n}");
+    }
     if a.json {
         println!(
             "{}",
