@@ -264,6 +264,21 @@ pub fn produce(
     })
 }
 
+/// Reads the NAR back out of a file compressed as a narinfo's `Compression:` value says
+/// (`none`, `zstd`, `xz`; empty means none, as Nix reads it): the decode side of
+/// [`Compression`], for verify and for the gateway.
+pub fn decoder<'a, R: io::Read + 'a>(
+    compression: &str,
+    input: R,
+) -> Result<Box<dyn io::Read + 'a>, String> {
+    Ok(match compression {
+        "none" | "" => Box::new(input),
+        "zstd" => Box::new(zstd::Decoder::new(input).map_err(|e| e.to_string())?),
+        "xz" => Box::new(liblzma::read::XzDecoder::new(input)),
+        other => return Err(format!("compression {other:?} is not supported")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,18 +301,14 @@ mod tests {
         t
     }
 
+    /// Through [`decoder`], by the narinfo name: encode and decode are each other's inverse.
     fn decompress(c: Compression, bytes: &[u8]) -> Vec<u8> {
-        match c {
-            Compression::None => bytes.to_vec(),
-            Compression::Zstd { .. } => zstd::decode_all(bytes).unwrap(),
-            Compression::Xz { .. } => {
-                let mut out = Vec::new();
-                liblzma::read::XzDecoder::new(bytes)
-                    .read_to_end(&mut out)
-                    .unwrap();
-                out
-            }
-        }
+        let mut out = Vec::new();
+        decoder(c.name(), bytes)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        out
     }
 
     /// Runs `produce` on its own thread, as the push does, reading the chunks here.

@@ -19,7 +19,7 @@ use futures::StreamExt;
 use sha2::Digest;
 use tokio::sync::mpsc;
 
-use crate::format::{CacheInfo, NarInfo, PublicKey, Sha256};
+use crate::format::{CacheInfo, NarInfo, PublicKey, Sha256, layout};
 use crate::storage::{Storage, StorageError};
 
 #[derive(Debug, Clone, Default)]
@@ -62,7 +62,7 @@ pub async fn verify<S: Storage>(
     opts: &VerifyOptions,
 ) -> Result<VerifyReport, StorageError> {
     let mut report = VerifyReport::default();
-    match storage.get("nix-cache-info").await? {
+    match storage.get(layout::CACHE_INFO).await? {
         None => report.add("nix-cache-info", "missing: Nix will not use this cache"),
         Some(b) => {
             if let Err(e) = CacheInfo::parse(&String::from_utf8_lossy(&b)) {
@@ -73,12 +73,12 @@ pub async fn verify<S: Storage>(
     let keys = storage.list("").await?;
     let narinfo_keys: Vec<String> = keys
         .iter()
-        .filter(|k| !k.contains('/') && k.ends_with(".narinfo"))
+        .filter(|k| layout::narinfo_hash(k).is_some())
         .cloned()
         .collect();
     let listed: HashSet<String> = narinfo_keys
         .iter()
-        .filter_map(|k| k.strip_suffix(".narinfo").map(str::to_owned))
+        .filter_map(|k| layout::narinfo_hash(k).map(str::to_owned))
         .collect();
     report.narinfos = narinfo_keys.len();
     let concurrency = opts.concurrency.max(1);
@@ -145,7 +145,7 @@ async fn check_one<S: Storage>(
             return Ok((problems, false));
         }
     };
-    let hash = key.trim_end_matches(".narinfo");
+    let hash = layout::narinfo_hash(key).unwrap_or(key);
     if ni.store_path.hash_part() != hash {
         problems.push(format!(
             "describes {} but is stored under {hash}",
@@ -179,11 +179,7 @@ async fn check_one<S: Storage>(
         if r.hash_part() == hash || listed.contains(r.hash_part()) {
             continue;
         }
-        if storage
-            .head(&format!("{}.narinfo", r.hash_part()))
-            .await?
-            .is_none()
-        {
+        if storage.head(&layout::narinfo_of(r)).await?.is_none() {
             problems.push(format!("refers to {r}, which has no narinfo"));
         }
     }
@@ -291,12 +287,7 @@ fn decompress_and_hash(
         rx,
         cur: Bytes::new(),
     };
-    let mut reader: Box<dyn Read> = match compression {
-        "none" | "" => Box::new(input),
-        "zstd" => Box::new(zstd::Decoder::new(input).map_err(|e| e.to_string())?),
-        "xz" => Box::new(liblzma::read::XzDecoder::new(input)),
-        other => return Err(format!("compression {other:?} is not supported by verify")),
-    };
+    let mut reader = crate::compression::decoder(compression, input)?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;

@@ -1459,18 +1459,22 @@ fn listings_logs_generated_cache_info_negative_ttl_and_presign_expiry() {
             stderr_of(&o)
         );
     }
+    // A cache directory that is not there is named (the gateway serves file:// caches,
+    // but never creates one); exit 3, as for a bucket that cannot be reached.
+    let missing = tmp.path().join("no-such-cache");
     let mut c = cachepush();
     let o = c
         .args(["gateway", "--listen", "127.0.0.1:0", "--from"])
-        .arg(format!("file://{}", tmp.path().display()))
+        .arg(format!("file://{}", missing.display()))
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
     assert!(
-        stderr_of(&o).contains("not an s3:// URL"),
+        stderr_of(&o).contains("no-such-cache") && stderr_of(&o).contains("does not exist"),
         "{}",
         stderr_of(&o)
     );
+    assert!(!missing.exists(), "the gateway created the directory");
 }
 
 /// The gateway's settings: flag > `CACHEPUSH_GATEWAY_*` variable > `--config` file, seen in

@@ -35,6 +35,17 @@ pub struct FileSettings {
 }
 
 impl FileSettings {
+    /// The S3 settings of the file, which rank below the URL's own parameters.
+    pub fn s3_settings(&self) -> cachepush::storage::S3Settings {
+        cachepush::storage::S3Settings {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            profile: self.profile.clone(),
+            addressing_style: self.addressing_style.clone(),
+            ..Default::default()
+        }
+    }
+
     /// `self`'s values, with `other`'s where `self` has none.
     fn or(self, other: FileSettings) -> FileSettings {
         FileSettings {

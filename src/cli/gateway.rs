@@ -9,7 +9,7 @@ use cachepush::format::PublicKey;
 use cachepush::gateway::{
     self, CacheControl, Delivery, GatewayConfig, Listen, auth::Auth, sign::Countersigner,
 };
-use cachepush::storage::{S3Bucket, StorageError};
+use cachepush::storage::{OpenOptions, Storage, StorageError, open_target};
 use cachepush::target::TargetUrl;
 use clap::Args;
 use serde::Deserialize;
@@ -20,7 +20,7 @@ use super::{Failure, interrupted};
 
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
-    /// The cache to serve: s3://BUCKET[/PREFIX]?endpoint=URL&region=R.
+    /// The cache to serve: s3://BUCKET[/PREFIX]?endpoint=URL&region=R, or file:///DIR.
     #[arg(long, value_name = "URL", env = "CACHEPUSH_GATEWAY_FROM")]
     from: Option<String>,
     /// Address to listen on: 127.0.0.1:8080, [::]:8080 or unix:/run/cachepush.sock;
@@ -175,14 +175,9 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
     };
     let from = pick(a.from.clone(), file.from.clone()).ok_or_else(|| {
         Failure::input("no cache to serve")
-            .hint("pass --from s3://BUCKET?endpoint=... (or `from` in the --config file)")
+            .hint("pass --from s3://BUCKET?endpoint=... or --from file:///DIR (or `from` in the --config file)")
     })?;
     let target = TargetUrl::parse(&from).map_err(|e| Failure::input(e.to_string()))?;
-    if !matches!(target, TargetUrl::S3 { .. }) {
-        return Err(Failure::input(format!(
-            "the gateway serves S3 buckets; {from} is not an s3:// URL"
-        )));
-    }
     let s3 = S3Args {
         endpoint: pick(a.s3.endpoint.clone(), file.endpoint.clone()),
         region: pick(a.s3.region.clone(), file.region.clone()),
@@ -190,12 +185,15 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         addressing_style: pick(a.s3.addressing_style.clone(), file.addressing_style.clone()),
         read_timeout: a.s3.read_timeout,
     };
-    let mut s3cfg = s3.config(&target)?;
+    let mut given = s3.settings();
     // A client is waiting: fail over to 5xx quickly rather than retry for a minute.
-    s3cfg.max_attempts = 3;
-    if a.s3.read_timeout.is_none() {
-        s3cfg.read_timeout = Duration::from_secs(30);
-    }
+    given.max_attempts = Some(3);
+    given.read_timeout.get_or_insert(Duration::from_secs(30));
+    let open_opts = OpenOptions {
+        given,
+        read_only: true,
+        ..OpenOptions::default()
+    };
 
     let listen_text = if !a.listen.is_empty() {
         a.listen.clone()
@@ -341,24 +339,22 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         .build()
         .map_err(|e| Failure::input(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async {
-        let bucket = S3Bucket::connect(s3cfg)
-            .await
-            .map_err(|e| Failure::target(e.to_string()))?;
+        let storage = open_target(&target, &open_opts).await?;
         // Serve even when the bucket is down or missing now (it may come back); say so
         // loudly. A key that may not list the bucket gets 403 for every missing object,
         // so misses would be 502s: name the permission.
-        match bucket.check_bucket().await {
+        match storage.check_health().await {
             Ok(()) => {}
             Err(StorageError::Denied { message, .. }) => eprintln!(
                 "warning: the bucket refused HeadBucket ({message}): the gateway's key needs s3:ListBucket as well as s3:GetObject, or every missing narinfo is answered 502"
             ),
             Err(e) => eprintln!(
-                "warning: the bucket is not usable now ({e}); serving anyway, with 5xx answers and /healthz reporting it until it is"
+                "warning: the cache is not usable now ({e}); serving anyway, with 5xx answers and /healthz reporting it until it is"
             ),
         }
         // An address that cannot be bound (in use, not ours) is the environment, not the
         // command line: exit 3, as for a target that cannot be reached.
-        gateway::serve(cfg, bucket, interrupted())
+        gateway::serve(cfg, storage, interrupted())
             .await
             .map_err(|e| Failure::target(e.to_string()))
     })?;

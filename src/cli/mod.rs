@@ -1,55 +1,26 @@
-//! One file per subcommand; this file holds the argument tree and exit-status policy.
-//!
-//! Exit statuses:
-//! - 0: everything asked for was done;
-//! - 1: some paths could not be published (each is listed with the reason);
-//! - 2: bad input or configuration (a key, a path, a URL, a flag), nothing was written;
-//! - 3: the target could not be reached or written before any path was sent;
-//! - 130: interrupted (Ctrl-C); nothing half-published is left visible.
+//! The command line: argument parsing, settings, what is printed, and exit statuses. One
+//! file per subcommand; [`failure`] maps every error to an exit status in one place,
+//! [`signal`] owns the signal handling, [`report`] what a push shows. Nothing here runs a
+//! push or decides which backend a URL means: the library does.
 
 mod config;
+mod failure;
 mod gateway;
 mod keys;
 mod output;
 mod push;
+mod report;
 mod s3args;
+mod signal;
 mod verify;
 mod watch;
+
+pub use failure::Failure;
+pub use signal::{interrupted, stop_signal, until_stopped};
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-
-/// An error at the CLI edge: one line for the user, and the exit status it maps to.
-#[derive(Debug)]
-pub struct Failure {
-    pub code: u8,
-    pub message: String,
-    pub hint: Option<String>,
-}
-
-impl Failure {
-    pub fn input(message: impl Into<String>) -> Self {
-        Failure {
-            code: 2,
-            message: message.into(),
-            hint: None,
-        }
-    }
-
-    pub fn target(message: impl Into<String>) -> Self {
-        Failure {
-            code: 3,
-            message: message.into(),
-            hint: None,
-        }
-    }
-
-    pub fn hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
-        self
-    }
-}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -128,66 +99,6 @@ pub fn main() -> ExitCode {
             }
             ExitCode::from(f.code)
         }
-    }
-}
-
-/// Resolves on Ctrl-C (SIGINT), SIGTERM, SIGHUP (the terminal or ssh session closed) or
-/// SIGQUIT, whichever comes first: each would otherwise kill the process on the spot and
-/// leave its multipart uploads open (security review L3).
-pub async fn interrupted() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let kinds = [
-            SignalKind::terminate(),
-            SignalKind::hangup(),
-            SignalKind::quit(),
-        ];
-        let mut streams: Vec<_> = kinds.into_iter().filter_map(|k| signal(k).ok()).collect();
-        if streams.is_empty() {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-        let others = futures::future::select_all(streams.iter_mut().map(|s| Box::pin(s.recv())));
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = others => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// A stop request (SIGINT or SIGTERM) that every part of a long-running command can watch,
-/// with one signal listener for the whole process so that no signal is missed between
-/// rounds.
-pub fn stop_signal() -> tokio::sync::watch::Receiver<bool> {
-    static STOP: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>> =
-        std::sync::OnceLock::new();
-    STOP.get_or_init(|| {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            interrupted().await;
-            let _ = tx.send(true);
-            // Aborting open uploads can take a while with retries; a second signal means
-            // "now": exit at once (what is left open, `verify --abort-open-uploads` or a
-            // lifecycle rule cleans up).
-            interrupted().await;
-            eprintln!("interrupted again: exiting without waiting for the cleanup");
-            // (Never returns, so `tx` lives on: a dropped sender would read as "stopped".)
-            std::process::exit(130);
-        });
-        rx
-    })
-    .clone()
-}
-
-/// Resolves once a stop was requested.
-pub async fn until_stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
-    if rx.wait_for(|stopped| *stopped).await.is_err() {
-        std::future::pending::<()>().await;
     }
 }
 

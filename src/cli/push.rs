@@ -1,26 +1,29 @@
-//! `cachepush copy --to URL PATHS...` and `cachepush push [URL] PATHS...`, and the
-//! [`Pusher`] that the watch commands share with them.
+//! `cachepush copy --to URL PATHS...` and `cachepush push [URL] PATHS...`: their flags,
+//! the flag > environment > file merge, and the [`Pusher`] (a connected
+//! [`Session`] plus the terminal output) that the watch commands share with them. The push
+//! itself runs in the library ([`cachepush::push::session`]).
 
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use cachepush::compression::Compression;
-use cachepush::format::{CacheInfo, SecretKey, StorePath};
-use cachepush::push::{self, Event, PlanOptions, PushOptions, Report};
-use cachepush::storage::{LocalDir, RequestStats, S3Bucket, Storage, content_type};
+use cachepush::format::{SecretKey, StorePath};
+use cachepush::push::{self, PlanOptions, PushOptions, Session};
+use cachepush::storage::{AnyStorage, OpenOptions, Storage};
 use cachepush::store::{LocalStore, StoreError};
 use cachepush::target::TargetUrl;
 use cachepush::upstream::Upstream;
 use clap::Args;
 
 use super::config::{self, FileSettings};
+use super::failure::Failure;
 use super::keys::read_secret_key;
-use super::output::{Level, Output, human_bytes};
+use super::output::{Level, Output};
+use super::report::Shown;
 use super::s3args::S3Args;
-use super::{Failure, stop_signal, until_stopped};
+use super::signal::{stop_signal, until_stopped};
 
 #[derive(Args, Debug)]
 pub struct CopyArgs {
@@ -279,8 +282,8 @@ fn one_shot(
         let Some(mut pusher) = Pusher::connect(url, settings, file).await? else {
             return Ok(ExitCode::SUCCESS);
         };
-        pusher.plan_opts.repair = select.repair;
-        pusher.plan_opts.list = !select.no_list;
+        pusher.session.plan_opts.repair = select.repair;
+        pusher.session.plan_opts.list = !select.no_list;
         let outcome = pusher
             .push(roots, !select.no_closure, select.dry_run, select.json)
             .await?;
@@ -288,22 +291,15 @@ fn one_shot(
     })
 }
 
-enum Backend {
-    Local(Arc<LocalDir>),
-    S3(Arc<S3Bucket>),
-}
-
 /// A connected target with everything needed to publish to it, reused across batches.
 pub struct Pusher {
     pub store: LocalStore,
-    backend: Backend,
-    push_opts: PushOptions,
-    pub plan_opts: PlanOptions,
+    session: Session<AnyStorage>,
     pub out: Output,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
-/// How a push ended.
+/// How a push ended, as far as the exit status goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Done { pushed: usize, failed: usize },
@@ -361,57 +357,50 @@ impl Pusher {
         };
         let jobs = settings.jobs.or(file.jobs).unwrap_or(16).max(1) as usize;
         let store = LocalStore::from_env().map_err(store_failure)?;
-        let backend = match &target {
-            TargetUrl::File { dir, .. } => {
-                Backend::Local(Arc::new(LocalDir::open(dir).map_err(|e| {
-                    Failure::target(format!("cannot open the cache directory: {e}"))
-                })?))
-            }
-            TargetUrl::S3 { .. } => {
-                // Flags and variables, then the URL's own parameters, then the files.
-                let from_file = S3Args {
-                    endpoint: file.endpoint.clone(),
-                    region: file.region.clone(),
-                    profile: file.profile.clone(),
-                    addressing_style: file.addressing_style.clone(),
-                    read_timeout: None,
-                };
-                let mut cfg = settings.s3.config_over(&target, &from_file)?;
-                cfg.part_size =
-                    settings.part_size.or(file.part_size).unwrap_or(16) as usize * (1 << 20);
-                let bucket = S3Bucket::connect(cfg)
-                    .await
-                    .map_err(|e| Failure::target(e.to_string()))?;
-                if settings.skip_if_no_credentials && !bucket.has_credentials().await {
-                    return skip(&out, "no S3 credentials are available");
-                }
-                Backend::S3(Arc::new(bucket))
-            }
+        // Flags and variables, then the URL's own parameters, then the files.
+        let mut given = settings.s3.settings();
+        given.part_size = settings
+            .part_size
+            .or(file.part_size)
+            .map(|mib| mib as usize * (1 << 20));
+        let opts = OpenOptions {
+            given,
+            fallback: file.s3_settings(),
+            read_only: false,
         };
+        let storage = cachepush::storage::open_target(&target, &opts).await?;
+        if settings.skip_if_no_credentials && !storage.has_credentials().await {
+            return skip(&out, "no S3 credentials are available");
+        }
         if key.is_none() {
             out.warn("no signing key given (--signing-key or CACHEPUSH_SIGNING_KEY): narinfos will carry only the signatures the store already has, and Nix refuses unsigned paths unless require-sigs = false");
         }
-        Ok(Some(Pusher {
-            store,
-            backend,
-            push_opts: PushOptions {
+        let session = Session::new(
+            store.clone(),
+            Arc::new(storage),
+            PushOptions {
                 compression,
                 jobs,
                 signing_key: key.map(Arc::new),
             },
-            plan_opts: PlanOptions {
+            PlanOptions {
                 // HEADs are small: more of them in flight hides the round-trip time.
                 concurrency: (jobs * 4).clamp(16, 256),
                 skip_signed_by,
                 upstreams,
                 ..PlanOptions::default()
             },
+        );
+        Ok(Some(Pusher {
+            store,
+            session,
             out,
             stop: stop_signal(),
         }))
     }
 
-    /// Publishes `roots` (and their closure when `closure`).
+    /// Publishes `roots` (and their closure when `closure`), showing progress and the
+    /// summary (and printing the `--json` object when `json`).
     pub async fn push(
         &mut self,
         roots: Vec<StorePath>,
@@ -419,294 +408,18 @@ impl Pusher {
         dry_run: bool,
         json: bool,
     ) -> Result<Outcome, Failure> {
-        let req = Request {
+        let req = push::Request {
             roots,
             closure,
             dry_run,
-            json,
         };
-        match &self.backend {
-            Backend::Local(s) => {
-                let s = s.clone();
-                self.run(s, req).await
-            }
-            Backend::S3(s) => {
-                let s = s.clone();
-                self.run(s, req).await
-            }
-        }
-    }
-}
-
-struct Request {
-    roots: Vec<StorePath>,
-    closure: bool,
-    dry_run: bool,
-    json: bool,
-}
-
-/// Creates `nix-cache-info` when missing; refuses a cache made for another store directory.
-async fn ensure_cache_info<S: Storage>(storage: &S, store: &LocalStore) -> Result<(), Failure> {
-    let ours = CacheInfo {
-        store_dir: store.store_dir().to_string(),
-        ..CacheInfo::default()
-    };
-    let target_failure = |e: cachepush::storage::StorageError| {
-        Failure::target(format!("cannot write to {}: {e}", storage.describe()))
-    };
-    let created = storage
-        .put_if_absent(
-            "nix-cache-info",
-            content_type::CACHE_INFO,
-            Bytes::from(ours.to_string()),
-        )
-        .await
-        .map_err(target_failure)?;
-    if created {
-        return Ok(());
-    }
-    let text = storage
-        .get("nix-cache-info")
-        .await
-        .map_err(target_failure)?
-        .unwrap_or_default();
-    let theirs = CacheInfo::parse(&String::from_utf8_lossy(&text)).map_err(|e| {
-        Failure::target(format!(
-            "{}: existing nix-cache-info is unreadable: {e}",
-            storage.describe()
-        ))
-    })?;
-    if theirs.store_dir != ours.store_dir {
-        return Err(Failure::input(format!(
-            "{} is a cache for store {}, but the local store is {}",
-            storage.describe(),
-            theirs.store_dir,
-            ours.store_dir
-        )));
-    }
-    Ok(())
-}
-
-impl Pusher {
-    async fn run<S: Storage>(&mut self, storage: Arc<S>, req: Request) -> Result<Outcome, Failure> {
-        let Request {
-            roots,
-            closure,
-            dry_run,
-            json,
-        } = req;
-        let store = self.store.clone();
         let mut stop = self.stop.clone();
-        let push_opts = self.push_opts.clone();
-        let plan_opts = &self.plan_opts;
-        let out = &mut self.out;
-        let closure = store.query(&roots, closure).await.map_err(store_failure)?;
-        let plan = push::plan(&*storage, closure, plan_opts)
-            .await
-            .map_err(|e| {
-                Failure::target(format!("cannot check what {} has: {e}", storage.describe()))
-            })?;
-        for p in &plan.repaired {
-            out.warn(&format!(
-                "{}: its narinfo is in the cache but its NAR is not; pushing it again",
-                store.store_dir().display(p)
-            ));
-        }
-        if let Some(e) = &plan.listing_error {
-            out.info(&format!(
-                "listing the cache stopped ({e}); asked for each remaining path instead"
-            ));
-        }
-        for e in &plan.upstream_errors {
-            out.warn(&format!(
-                "upstream lookup failed, pushing the path anyway: {e}"
-            ));
-        }
-        let mut line = format!(
-            "{} paths in the closure, {} already in {}",
-            plan.closure,
-            plan.present.len(),
-            storage.describe()
-        );
-        if !plan_opts.upstreams.is_empty() {
-            line.push_str(&format!(", {} available upstream", plan.upstream.len()));
-        }
-        if !plan_opts.skip_signed_by.is_empty() {
-            line.push_str(&format!(
-                ", {} signed by {}",
-                plan.signed_elsewhere.len(),
-                plan_opts.skip_signed_by.join(", ")
-            ));
-        }
-        line.push_str(&format!(
-            "; {} to push ({} of NAR, compression {})",
-            plan.to_send.len(),
-            human_bytes(plan.nar_bytes_to_send()),
-            push_opts.compression,
-        ));
-        out.info(&line);
-        let dir = store.store_dir().clone();
-        if dry_run {
-            out.group(&format!("{} paths would be pushed", plan.to_send.len()));
-            for p in &plan.to_send {
-                out.info(&format!(
-                    "would push {} ({})",
-                    dir.display(&p.path),
-                    human_bytes(p.nar_size)
-                ));
-            }
-            out.end_group();
-            if json {
-                let report = Report {
-                    skipped: plan.skipped(),
-                    ..Report::default()
-                };
-                print_json(&report, &plan, storage.stats(), true);
-            }
-            return Ok(Outcome::Done {
-                pushed: 0,
-                failed: 0,
-            });
-        }
-        if !plan.to_send.is_empty() {
-            ensure_cache_info(&*storage, &store).await?;
-        }
-        let to_send = plan.to_send.len();
-        let counts = PlanCounts::of(&plan);
-        out.group(&format!("pushing {to_send} paths"));
-        out.start_progress(to_send as u64, plan.nar_bytes_to_send());
-        let report = {
-            let out_ref = &*out;
-            let on_event = |e: Event<'_>| match e {
-                Event::NarStarted { path, nar_size } => {
-                    out_ref.upload_started(path.hash_part(), path.name(), nar_size)
-                }
-                Event::NarDone { path, nar_size, .. } => {
-                    out_ref.upload_finished(path.hash_part());
-                    out_ref.path_done(nar_size)
-                }
-                Event::Published { path } => {
-                    out_ref.path_published();
-                    out_ref.detail(&format!("pushed {}", dir.display(path)));
-                }
-                Event::Failed { path, error } => {
-                    out_ref.upload_finished(path.hash_part());
-                    out_ref.error(&format!("{}: {error}", dir.display(path)))
-                }
-            };
-            let exec = push::execute(&store, storage.clone(), plan, &push_opts, &on_event);
-            tokio::select! {
-                r = exec => r,
-                _ = until_stopped(&mut stop) => {
-                    // Dropping the pipeline stops every upload. Narinfos are only ever written
-                    // whole and after their NARs, so what is visible stays consistent; open
-                    // multipart uploads are aborted here so none is left behind (and billed).
-                    out.finish_progress();
-                    let aborted = storage.abort_open_uploads().await;
-                    out.error(&format!(
-                        "interrupted ({aborted} unfinished uploads aborted); nothing half-published is visible, re-run the same command to finish the push"
-                    ));
-                    warn_left_open(out, storage.left_open());
-                    return Ok(Outcome::Interrupted);
-                }
-            }
-        };
-        out.finish_progress();
-        out.end_group();
-        // A safety net: every failed upload aborted itself, so this normally finds none.
-        storage.abort_open_uploads().await;
-        warn_left_open(out, storage.left_open());
-        let failed = report.failed.len();
-        out.info(&format!(
-            "pushed {} paths ({} NAR, {} sent), skipped {}, failed {} in {:.1}s",
-            report.pushed,
-            human_bytes(report.nar_bytes),
-            human_bytes(report.sent_bytes),
-            report.skipped,
-            failed,
-            report.seconds
-        ));
-        if json {
-            print_json_counts(&report, counts, storage.stats(), false);
-        }
-        if failed > 0 {
-            eprintln!("error: {failed} of {to_send} paths were not published:");
-            for (p, e) in &report.failed {
-                eprintln!("  {}: {e}", dir.display(p));
-            }
-        }
-        Ok(Outcome::Done {
-            pushed: report.pushed,
-            failed,
-        })
-    }
-}
-
-/// How the plan split the closure, kept for the summary after the plan is consumed.
-#[derive(Clone, Copy, Debug)]
-struct PlanCounts {
-    closure: usize,
-    present: usize,
-    upstream: usize,
-    signed_elsewhere: usize,
-    to_send: usize,
-}
-
-impl PlanCounts {
-    fn of(p: &push::Plan) -> Self {
-        PlanCounts {
-            closure: p.closure,
-            present: p.present.len(),
-            upstream: p.upstream.len(),
-            signed_elsewhere: p.signed_elsewhere.len(),
-            to_send: p.to_send.len(),
-        }
-    }
-}
-
-fn print_json(r: &Report, plan: &push::Plan, requests: RequestStats, dry_run: bool) {
-    print_json_counts(r, PlanCounts::of(plan), requests, dry_run)
-}
-
-fn print_json_counts(r: &Report, plan: PlanCounts, requests: RequestStats, dry_run: bool) {
-    let failed: Vec<serde_json::Value> = r
-        .failed
-        .iter()
-        .map(|(p, e)| serde_json::json!({"path": p.to_string(), "error": e.to_string()}))
-        .collect();
-    let v = serde_json::json!({
-        "dry_run": dry_run,
-        "closure": plan.closure,
-        "present": plan.present,
-        "upstream": plan.upstream,
-        "signed_elsewhere": plan.signed_elsewhere,
-        "to_push": plan.to_send,
-        "pushed": r.pushed,
-        "skipped": r.skipped,
-        "failed": r.failed.len(),
-        "failures": failed,
-        "nar_bytes": r.nar_bytes,
-        "sent_bytes": r.sent_bytes,
-        "seconds": r.seconds,
-        "requests": requests,
-        "peak_rss_bytes": peak_rss_bytes(),
-    });
-    println!("{v}");
-}
-
-/// The most memory this process has held (VmHWM), to show it does not grow with NAR size.
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Uploads whose abort failed are billed until something removes them: say so, and how.
-fn warn_left_open(out: &Output, n: usize) {
-    if n > 0 {
-        out.warn(&format!(
-            "{n} multipart uploads could not be aborted and stay open (invisible to Nix, but stored and billed); `cachepush verify --abort-open-uploads` or a lifecycle rule removes them"
-        ));
+        let storage = self.session.storage().clone();
+        let mut shown = Shown::new(&mut self.out, &self.session, storage.describe(), dry_run);
+        let outcome = self
+            .session
+            .run(req, &mut shown, until_stopped(&mut stop))
+            .await?;
+        Ok(shown.summary(&outcome, storage.stats(), storage.left_open(), json))
     }
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use cachepush::format::PublicKey;
-use cachepush::storage::{LocalDir, S3Bucket, Storage};
+use cachepush::storage::{OpenOptions, Storage, open_target};
 use cachepush::target::TargetUrl;
 use cachepush::verify::{VerifyOptions, VerifyReport, verify};
 use clap::Args;
@@ -60,20 +60,13 @@ pub fn run(a: VerifyArgs) -> Result<ExitCode, Failure> {
     };
     let rt = runtime()?;
     rt.block_on(async {
-        match &target {
-            TargetUrl::File { dir, .. } => {
-                let s = LocalDir::open(dir)
-                    .map_err(|e| Failure::target(format!("cannot open {}: {e}", dir.display())))?;
-                check(&s, &a, &opts).await
-            }
-            TargetUrl::S3 { .. } => {
-                let cfg = a.s3.config(&target)?;
-                let s = S3Bucket::connect(cfg)
-                    .await
-                    .map_err(|e| Failure::target(e.to_string()))?;
-                check(&s, &a, &opts).await
-            }
-        }
+        let opts_open = OpenOptions {
+            given: a.s3.settings(),
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let s = open_target(&target, &opts_open).await?;
+        check(&s, &a, &opts).await
     })
 }
 

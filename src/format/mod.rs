@@ -6,6 +6,7 @@
 pub mod cache_info;
 pub mod hash;
 pub mod keys;
+pub mod layout;
 pub mod nar;
 pub mod narinfo;
 pub mod nix32;

@@ -4,8 +4,8 @@
 //! and nothing else: no percent-encoding (none of the shapes needs it, and decoding is where
 //! traversal tricks live), no `..`, no empty segments, hashes of exactly 32 nix32 chars.
 
-use crate::format::StorePath;
 use crate::format::store_path::is_hash_part;
+use crate::format::{StorePath, layout};
 
 /// Longest request target accepted; real ones are under 100 bytes.
 pub const MAX_URI_LEN: usize = 1024;
@@ -56,8 +56,8 @@ impl Route {
     /// The object key in the cache (relative to the bucket prefix), for routes backed by one.
     pub fn object_key(&self) -> Option<String> {
         match self {
-            Route::CacheInfo => Some("nix-cache-info".into()),
-            Route::NarInfo(h) => Some(format!("{h}.narinfo")),
+            Route::CacheInfo => Some(layout::CACHE_INFO.into()),
+            Route::NarInfo(h) => Some(layout::narinfo_key(h)),
             Route::Nar(f) => Some(format!("nar/{f}")),
             Route::Listing(h) => Some(format!("{h}.ls")),
             Route::Log(d) => Some(format!("log/{d}")),

@@ -1,4 +1,5 @@
-//! The push pipeline, in stages: closure → plan → upload.
+//! The push pipeline, in stages: closure → plan → upload; [`session`] runs them in order
+//! for one push, with progress and cancellation handed in.
 //!
 //! 1. **Closure**: `store::LocalStore::query` gives every path with its metadata.
 //! 2. **Plan** ([`plan`]): asks the target which narinfos exist (bounded concurrency;
@@ -11,9 +12,11 @@
 
 mod plan;
 pub mod presence;
+pub mod session;
 mod upload;
 
 pub use plan::{Plan, PlanOptions, plan};
+pub use session::{Observer, Outcome, PlanCounts, PushError, Request, Session};
 pub use upload::{Event, PushOptions, Report, execute};
 
 use thiserror::Error;

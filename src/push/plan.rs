@@ -11,6 +11,7 @@
 use futures::{StreamExt, TryStreamExt};
 
 use super::presence::presence;
+use crate::format::layout;
 use crate::storage::{Storage, StorageError};
 use crate::store::PathInfo;
 use crate::upstream::{Upstream, UpstreamError};
@@ -86,7 +87,7 @@ pub async fn plan<S: Storage>(
     };
     let keys: Vec<String> = closure
         .iter()
-        .map(|info| format!("{}.narinfo", info.path.hash_part()))
+        .map(|info| layout::narinfo_of(&info.path))
         .collect();
     let (present, listing_error) = presence(storage, &keys, concurrency, opts.list).await?;
     plan.listing_error = listing_error;

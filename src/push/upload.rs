@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 
 use super::{PathError, Plan};
 use crate::compression::{self, Compression, Produced};
-use crate::format::{NarInfo, SecretKey, StoreDir, StorePath};
+use crate::format::{NarInfo, SecretKey, StoreDir, StorePath, layout};
 use crate::storage::{Staged, Storage, content_type};
 use crate::store::{LocalStore, PathInfo};
 
@@ -134,7 +134,7 @@ pub async fn execute<S: Storage>(
             let storage = storage.clone();
             let p = ni.store_path.clone();
             let handle = narinfos.spawn(async move {
-                let key = format!("{}.narinfo", ni.store_path.hash_part());
+                let key = layout::narinfo_of(&ni.store_path);
                 let res = storage
                     .put(&key, content_type::NARINFO, Bytes::from(ni.to_string()))
                     .await
@@ -227,11 +227,7 @@ async fn upload_nar<S: Storage>(
     opts: &PushOptions,
 ) -> Result<NarInfo, PathError> {
     // Named by NarHash, known before compressing, so one pass can stream it.
-    let url = format!(
-        "nar/{}{}",
-        info.nar_hash.nix32(),
-        opts.compression.extension()
-    );
+    let url = layout::nar_key(&info.nar_hash, opts.compression.extension());
     let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let compression = opts.compression;
     let hint = info.nar_size;
@@ -369,6 +365,13 @@ mod tests {
         }
         async fn read(&self, key: &str) -> Result<Option<ObjectBytes>, StorageError> {
             self.inner.read(key).await
+        }
+        async fn read_range(
+            &self,
+            key: &str,
+            range: Option<crate::storage::ByteRange>,
+        ) -> Result<crate::storage::StreamOutcome, StorageError> {
+            self.inner.read_range(key, range).await
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Staged, Storage, StorageError};
+use super::{ByteRange, ObjectStream, Staged, Storage, StorageError, StreamOutcome};
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -141,6 +141,48 @@ impl Storage for LocalDir {
             }
         });
         Ok(Some(Box::pin(stream)))
+    }
+
+    async fn read_range(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+    ) -> Result<StreamOutcome, StorageError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut file = match tokio::fs::File::open(self.path(key)?).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(StreamOutcome::NotFound);
+            }
+            Err(e) => return Err(io_err("open", key)(e)),
+        };
+        let len = file.metadata().await.map_err(io_err("stat", key))?.len();
+        let (start, count, content_range) = match range {
+            None => (0, len, None),
+            Some(r) => match r.resolve(len) {
+                Some((a, b)) => (a, b - a + 1, Some(format!("bytes {a}-{b}/{len}"))),
+                None => return Ok(StreamOutcome::RangeNotSatisfiable),
+            },
+        };
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(io_err("seek", key))?;
+        // Objects are never rewritten in place (every write is a rename), so the open file
+        // keeps the length just read.
+        let stream = futures::stream::unfold(file.take(count), |mut f| async move {
+            let mut buf = bytes::BytesMut::with_capacity(1 << 16);
+            match f.read_buf(&mut buf).await {
+                Ok(0) => None,
+                Ok(_) => Some((Ok(buf.freeze()), f)),
+                Err(e) => Some((Err(e), f)),
+            }
+        });
+        Ok(StreamOutcome::Found(ObjectStream {
+            length: Some(count),
+            content_range,
+            etag: None,
+            body: Box::pin(stream),
+        }))
     }
 
     async fn put(&self, key: &str, _ct: &'static str, body: Bytes) -> Result<(), StorageError> {

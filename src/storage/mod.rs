@@ -8,6 +8,7 @@
 //!   [`Staged::commit`]; [`Staged::abort`] (or dropping it) leaves nothing behind.
 
 pub mod local;
+pub mod open;
 pub mod s3;
 
 use std::future::Future;
@@ -17,7 +18,8 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 pub use local::LocalDir;
-pub use s3::{ObjectStream, S3Bucket, S3Config, StreamOutcome};
+pub use open::{AnyStorage, OpenError, OpenOptions, S3Settings, open, open_target};
+pub use s3::{S3Bucket, S3Config};
 
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -135,6 +137,55 @@ pub trait Storage: Send + Sync + 'static {
         key: &str,
     ) -> impl Future<Output = Result<Option<ObjectBytes>, StorageError>> + Send;
 
+    /// Reads a whole small object (a narinfo, `nix-cache-info`), refusing one larger than
+    /// `limit` bytes, so that a huge object under that name cannot take a server's memory.
+    fn get_limited(
+        &self,
+        key: &str,
+        limit: u64,
+    ) -> impl Future<Output = Result<Option<Bytes>, StorageError>> + Send {
+        async move {
+            match self.head(key).await? {
+                Some(len) if len > limit => Err(StorageError::Remote {
+                    op: "GET",
+                    key: key.to_owned(),
+                    message: format!("the object is {len} bytes, more than the {limit} expected"),
+                    transient: false,
+                }),
+                _ => self.get(key).await,
+            }
+        }
+    }
+
+    /// Opens an object for streaming, the whole of it or one byte range, with the headers
+    /// an HTTP answer needs (for the gateway's proxying).
+    fn read_range(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+    ) -> impl Future<Output = Result<StreamOutcome, StorageError>> + Send;
+
+    /// A URL that lets its holder GET `key` without credentials for `ttl`; `None` when the
+    /// backend cannot make one (the gateway then proxies the bytes itself).
+    fn presign_get(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<Option<String>, StorageError>> + Send {
+        let _ = (key, ttl);
+        async { Ok(None) }
+    }
+
+    /// Whether the cache itself exists and answers (for `/healthz`, and to tell a missing
+    /// cache from a missing object, which a HEAD alone cannot).
+    fn check_health(&self) -> impl Future<Output = Result<(), StorageError>> + Send {
+        async {
+            self.head(crate::format::layout::CACHE_INFO)
+                .await
+                .map(|_| ())
+        }
+    }
+
     /// Keys of multipart uploads started and neither completed nor aborted, by anyone.
     fn open_uploads(&self) -> impl Future<Output = Result<Vec<String>, StorageError>> + Send {
         async { Ok(Vec::new()) }
@@ -175,6 +226,57 @@ pub struct TopPage {
     pub next: Option<String>,
 }
 
+/// One byte range of an object, as a single HTTP `Range` (RFC 9110 §14.1.2) asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `bytes=A-`: from A to the end.
+    From(u64),
+    /// `bytes=A-B`: A to B inclusive (A <= B).
+    FromTo(u64, u64),
+    /// `bytes=-N`: the last N bytes (N > 0).
+    Last(u64),
+}
+
+impl ByteRange {
+    /// The `Range` header value.
+    pub fn header(&self) -> String {
+        match self {
+            ByteRange::From(a) => format!("bytes={a}-"),
+            ByteRange::FromTo(a, b) => format!("bytes={a}-{b}"),
+            ByteRange::Last(n) => format!("bytes=-{n}"),
+        }
+    }
+
+    /// The first and last byte (inclusive) of an object of `len` bytes this range covers;
+    /// `None` when it covers none (416).
+    pub fn resolve(&self, len: u64) -> Option<(u64, u64)> {
+        let last = len.checked_sub(1)?;
+        match *self {
+            ByteRange::From(a) | ByteRange::FromTo(a, _) if a > last => None,
+            ByteRange::From(a) => Some((a, last)),
+            ByteRange::FromTo(a, b) => Some((a, b.min(last))),
+            ByteRange::Last(0) => None,
+            ByteRange::Last(n) => Some((len.saturating_sub(n), last)),
+        }
+    }
+}
+
+/// What [`Storage::read_range`] found.
+pub enum StreamOutcome {
+    Found(ObjectStream),
+    NotFound,
+    RangeNotSatisfiable,
+}
+
+/// An object being read: its headers, and its body as it arrives.
+pub struct ObjectStream {
+    pub length: Option<u64>,
+    /// Set for a range request (`bytes 0-99/1234`).
+    pub content_range: Option<String>,
+    pub etag: Option<String>,
+    pub body: ObjectBytes,
+}
+
 /// An object's bytes as they arrive.
 pub type ObjectBytes =
     std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static>>;
@@ -200,11 +302,26 @@ impl RequestStats {
     }
 }
 
-/// Content types as Nix's own binary-cache stores set them.
-pub mod content_type {
-    pub const CACHE_INFO: &str = "text/x-nix-cache-info";
-    pub const NARINFO: &str = "text/x-nix-narinfo";
-    pub const NAR: &str = "application/x-nix-nar";
-    pub const LISTING: &str = "application/json";
-    pub const LOG: &str = "text/plain; charset=utf-8";
+pub use crate::format::layout::content_type;
+
+#[cfg(test)]
+mod tests {
+    use super::ByteRange::*;
+
+    #[test]
+    fn ranges_resolve_as_rfc_9110_says() {
+        assert_eq!(From(0).resolve(10), Some((0, 9)));
+        assert_eq!(From(9).resolve(10), Some((9, 9)));
+        assert_eq!(From(10).resolve(10), None);
+        assert_eq!(FromTo(2, 4).resolve(10), Some((2, 4)));
+        assert_eq!(FromTo(2, 400).resolve(10), Some((2, 9)));
+        assert_eq!(FromTo(10, 12).resolve(10), None);
+        assert_eq!(Last(3).resolve(10), Some((7, 9)));
+        assert_eq!(Last(30).resolve(10), Some((0, 9)));
+        assert_eq!(Last(0).resolve(10), None);
+        assert_eq!(From(0).resolve(0), None);
+        assert_eq!(FromTo(1, 2).header(), "bytes=1-2");
+        assert_eq!(Last(5).header(), "bytes=-5");
+        assert_eq!(From(7).header(), "bytes=7-");
+    }
 }

@@ -32,7 +32,10 @@ use tokio::task::JoinSet;
 
 use futures::StreamExt;
 
-use super::{RequestStats, Staged, Storage, StorageError, TopPage};
+use super::{
+    ByteRange, ObjectStream, RequestStats, Staged, Storage, StorageError, StreamOutcome, TopPage,
+};
+use crate::format::layout;
 
 /// S3 refuses more parts than this in one multipart upload.
 pub const MAX_PARTS: u64 = 10_000;
@@ -254,7 +257,7 @@ impl S3Bucket {
     /// Reads a whole object into memory, refusing (before reading) one larger than
     /// `limit` bytes: for narinfos, whose real size is a few KiB, so that a huge object
     /// under that name cannot take the gateway's memory.
-    pub async fn get_limited(
+    async fn get_at_most(
         &self,
         key: &str,
         limit: Option<u64>,
@@ -328,7 +331,7 @@ impl S3Bucket {
     }
 
     /// A URL that lets its holder GET `key` without credentials until it expires.
-    pub async fn presign_get(&self, key: &str, expires: Duration) -> Result<String, StorageError> {
+    async fn presign(&self, key: &str, expires: Duration) -> Result<String, StorageError> {
         let i = &self.inner;
         let cfg = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires)
             .map_err(|e| StorageError::Config(format!("presigned URL lifetime: {e}")))?;
@@ -343,11 +346,11 @@ impl S3Bucket {
         Ok(req.uri().to_owned())
     }
 
-    /// Opens `key` for streaming, optionally a byte range (an HTTP `Range` value).
-    pub async fn get_stream(
+    /// Opens `key` for streaming, optionally one byte range.
+    async fn get_stream(
         &self,
         key: &str,
-        range: Option<&str>,
+        range: Option<ByteRange>,
     ) -> Result<StreamOutcome, StorageError> {
         let i = &self.inner;
         let obj = i.object_key(key);
@@ -358,7 +361,7 @@ impl S3Bucket {
                     .get_object()
                     .bucket(&i.cfg.bucket)
                     .key(&obj)
-                    .set_range(range.map(str::to_owned))
+                    .set_range(range.map(|r| r.header()))
                     .send()
             })
             .await?;
@@ -367,7 +370,11 @@ impl S3Bucket {
                 length: o.content_length().map(|n| n.max(0) as u64),
                 content_range: o.content_range().map(str::to_owned),
                 etag: o.e_tag().map(str::to_owned),
-                body: o.body,
+                body: Box::pin(futures::stream::unfold(o.body, |mut body| async move {
+                    body.next()
+                        .await
+                        .map(|r| (r.map_err(std::io::Error::other), body))
+                })),
             })),
             Err(c) if c.not_found => Ok(StreamOutcome::NotFound),
             Err(c) if c.status == Some(416) => Ok(StreamOutcome::RangeNotSatisfiable),
@@ -681,7 +688,7 @@ impl Storage for S3Bucket {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        self.get_limited(key, None).await
+        self.get_at_most(key, None).await
     }
 
     async fn put(&self, key: &str, ct: &'static str, body: Bytes) -> Result<(), StorageError> {
@@ -770,9 +777,37 @@ impl Storage for S3Bucket {
         }
     }
 
+    async fn get_limited(&self, key: &str, limit: u64) -> Result<Option<Bytes>, StorageError> {
+        self.get_at_most(key, Some(limit)).await
+    }
+
+    async fn read_range(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+    ) -> Result<StreamOutcome, StorageError> {
+        self.get_stream(key, range).await
+    }
+
+    async fn presign_get(&self, key: &str, ttl: Duration) -> Result<Option<String>, StorageError> {
+        self.presign(key, ttl).await.map(Some)
+    }
+
+    async fn check_health(&self) -> Result<(), StorageError> {
+        match self.check_bucket().await {
+            // A server without HeadBucket: an object HEAD at least proves it answers.
+            Err(StorageError::Remote { ref message, .. })
+                if message.contains("HTTP 501") || message.contains("NotImplemented") =>
+            {
+                self.head(layout::CACHE_INFO).await.map(|_| ())
+            }
+            other => other,
+        }
+    }
+
     async fn read(&self, key: &str) -> Result<Option<super::ObjectBytes>, StorageError> {
         match self.get_stream(key, None).await? {
-            StreamOutcome::Found(o) => Ok(Some(Box::pin(o.into_stream()))),
+            StreamOutcome::Found(o) => Ok(Some(o.body)),
             _ => Ok(None),
         }
     }
@@ -955,35 +990,6 @@ async fn fill_part(
         buf.extend_from_slice(&chunk);
     }
     true
-}
-
-/// What [`S3Bucket::get_stream`] found.
-pub enum StreamOutcome {
-    Found(ObjectStream),
-    NotFound,
-    RangeNotSatisfiable,
-}
-
-/// An object being read: its headers, and its body as it arrives.
-pub struct ObjectStream {
-    pub length: Option<u64>,
-    /// Set for a range request (`bytes 0-99/1234`).
-    pub content_range: Option<String>,
-    pub etag: Option<String>,
-    pub body: ByteStream,
-}
-
-impl ObjectStream {
-    /// The body as a stream of chunks, for an HTTP response.
-    pub fn into_stream(
-        self,
-    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-        futures::stream::unfold(self.body, |mut body| async move {
-            body.next()
-                .await
-                .map(|r| (r.map_err(std::io::Error::other), body))
-        })
-    }
 }
 
 /// A multipart upload in progress; aborted unless completed.

@@ -1,0 +1,63 @@
+//! Signals: the one listener per process that turns SIGINT, SIGTERM, SIGHUP and SIGQUIT
+//! into a stop request every long-running command watches (the library is handed the
+//! resulting future; it never installs handlers itself).
+
+/// Resolves on Ctrl-C (SIGINT), SIGTERM, SIGHUP (the terminal or ssh session closed) or
+/// SIGQUIT, whichever comes first: each would otherwise kill the process on the spot and
+/// leave its multipart uploads open (security review L3).
+pub async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let kinds = [
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+            SignalKind::quit(),
+        ];
+        let mut streams: Vec<_> = kinds.into_iter().filter_map(|k| signal(k).ok()).collect();
+        if streams.is_empty() {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+        let others = futures::future::select_all(streams.iter_mut().map(|s| Box::pin(s.recv())));
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = others => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A stop request (SIGINT or SIGTERM) that every part of a long-running command can watch,
+/// with one signal listener for the whole process so that no signal is missed between
+/// rounds.
+pub fn stop_signal() -> tokio::sync::watch::Receiver<bool> {
+    static STOP: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>> =
+        std::sync::OnceLock::new();
+    STOP.get_or_init(|| {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            interrupted().await;
+            let _ = tx.send(true);
+            // Aborting open uploads can take a while with retries; a second signal means
+            // "now": exit at once (what is left open, `verify --abort-open-uploads` or a
+            // lifecycle rule cleans up).
+            interrupted().await;
+            eprintln!("interrupted again: exiting without waiting for the cleanup");
+            // (Never returns, so `tx` lives on: a dropped sender would read as "stopped".)
+            std::process::exit(130);
+        });
+        rx
+    })
+    .clone()
+}
+
+/// Resolves once a stop was requested.
+pub async fn until_stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|stopped| *stopped).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}

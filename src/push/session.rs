@@ -1,0 +1,256 @@
+//! One push from start to end: closure → plan → cache-info check → execute → abort
+//! leftovers. The caller hands in the progress [`Observer`] and the cancellation (a
+//! future that resolves when the push must stop); the session prints nothing and never
+//! looks at signals, so the CLI, the watch commands and tests drive the same code.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thiserror::Error;
+
+use super::{Event, Plan, PlanOptions, PushOptions, Report, execute, plan};
+use crate::format::{CacheInfo, StorePath, layout};
+use crate::storage::{Storage, StorageError, content_type};
+use crate::store::{LocalStore, StoreError};
+
+/// Why a push as a whole could not run (a single path's failure is in [`Report::failed`]).
+#[derive(Debug, Error)]
+pub enum PushError {
+    /// The local store could not say what the closure is.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Asking the target what it has failed: nothing was written.
+    #[error("cannot check what {target} has: {source}")]
+    Plan {
+        target: String,
+        #[source]
+        source: StorageError,
+    },
+    /// Writing `nix-cache-info` failed: nothing else was written.
+    #[error("cannot write to {target}: {source}")]
+    Write {
+        target: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error("{target}: existing nix-cache-info is unreadable: {reason}")]
+    CacheInfoUnreadable { target: String, reason: String },
+    /// The cache was made for another store directory (`/nix/store` vs a custom one):
+    /// its paths would be useless to this store's clients and vice versa.
+    #[error("{target} is a cache for store {theirs}, but the local store is {ours}")]
+    OtherStore {
+        target: String,
+        theirs: String,
+        ours: String,
+    },
+}
+
+/// What to push.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub roots: Vec<StorePath>,
+    /// Everything the roots refer to as well (`false`: the roots only).
+    pub closure: bool,
+    /// Plan and stop; nothing is written.
+    pub dry_run: bool,
+}
+
+/// How the plan split the closure, kept after the plan is consumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanCounts {
+    pub closure: usize,
+    pub present: usize,
+    pub upstream: usize,
+    pub signed_elsewhere: usize,
+    pub to_send: usize,
+    pub nar_bytes_to_send: u64,
+}
+
+impl PlanCounts {
+    pub fn of(p: &Plan) -> Self {
+        PlanCounts {
+            closure: p.closure,
+            present: p.present.len(),
+            upstream: p.upstream.len(),
+            signed_elsewhere: p.signed_elsewhere.len(),
+            to_send: p.to_send.len(),
+            nar_bytes_to_send: p.nar_bytes_to_send(),
+        }
+    }
+}
+
+/// How a push ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A dry run: the plan only.
+    Planned { counts: PlanCounts },
+    /// Every path was tried; `report.failed` lists those not published.
+    Done { counts: PlanCounts, report: Report },
+    /// Cancelled while uploading; `aborted` unfinished uploads were aborted. Whatever is
+    /// visible is consistent (narinfos are written whole and after their NARs).
+    Interrupted { aborted: usize },
+}
+
+impl Outcome {
+    /// Paths not published (0 unless `Done`).
+    pub fn failed(&self) -> usize {
+        match self {
+            Outcome::Done { report, .. } => report.failed.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Told what happens, as it happens. Every method has a default that ignores it.
+pub trait Observer: Sync {
+    /// The plan is made; nothing was written yet.
+    fn planned(&mut self, plan: &Plan) {
+        let _ = plan;
+    }
+    /// Uploading `paths` paths (`nar_bytes` of NAR) starts.
+    fn uploading(&mut self, paths: usize, nar_bytes: u64) {
+        let _ = (paths, nar_bytes);
+    }
+    /// One path's progress; called from the upload loop, so keep it quick.
+    fn event(&self, e: Event<'_>) {
+        let _ = e;
+    }
+    /// Uploading stopped (finished or cancelled).
+    fn uploaded(&mut self) {}
+}
+
+/// Ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// A target and everything needed to publish to it, reused across pushes.
+pub struct Session<S> {
+    store: LocalStore,
+    storage: Arc<S>,
+    pub push_opts: PushOptions,
+    pub plan_opts: PlanOptions,
+}
+
+impl<S: Storage> Session<S> {
+    pub fn new(
+        store: LocalStore,
+        storage: Arc<S>,
+        push_opts: PushOptions,
+        plan_opts: PlanOptions,
+    ) -> Self {
+        Session {
+            store,
+            storage,
+            push_opts,
+            plan_opts,
+        }
+    }
+
+    pub fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    pub fn storage(&self) -> &Arc<S> {
+        &self.storage
+    }
+
+    /// Publishes `req.roots` (and their closure). Resolves early with
+    /// [`Outcome::Interrupted`] when `cancel` resolves during the upload.
+    pub async fn run(
+        &self,
+        req: Request,
+        observer: &mut impl Observer,
+        cancel: impl Future<Output = ()>,
+    ) -> Result<Outcome, PushError> {
+        let storage = &self.storage;
+        let closure = self.store.query(&req.roots, req.closure).await?;
+        let plan = plan(&**storage, closure, &self.plan_opts)
+            .await
+            .map_err(|source| PushError::Plan {
+                target: storage.describe(),
+                source,
+            })?;
+        observer.planned(&plan);
+        let counts = PlanCounts::of(&plan);
+        if req.dry_run {
+            return Ok(Outcome::Planned { counts });
+        }
+        if !plan.to_send.is_empty() {
+            ensure_cache_info(&**storage, &self.store).await?;
+        }
+        observer.uploading(counts.to_send, counts.nar_bytes_to_send);
+        let report = {
+            let obs = &*observer;
+            let on_event = |e: Event<'_>| obs.event(e);
+            let exec = execute(
+                &self.store,
+                storage.clone(),
+                plan,
+                &self.push_opts,
+                &on_event,
+            );
+            tokio::select! {
+                r = exec => r,
+                _ = cancel => {
+                    // Dropping the pipeline stops every upload. Narinfos are only ever
+                    // written whole and after their NARs, so what is visible stays
+                    // consistent; open multipart uploads are aborted here so none is left
+                    // behind (and billed).
+                    observer.uploaded();
+                    let aborted = storage.abort_open_uploads().await;
+                    return Ok(Outcome::Interrupted { aborted });
+                }
+            }
+        };
+        observer.uploaded();
+        // A safety net: every failed upload aborted itself, so this normally finds none.
+        storage.abort_open_uploads().await;
+        Ok(Outcome::Done { counts, report })
+    }
+}
+
+/// Creates `nix-cache-info` when missing; refuses a cache made for another store directory.
+pub async fn ensure_cache_info<S: Storage>(
+    storage: &S,
+    store: &LocalStore,
+) -> Result<(), PushError> {
+    let ours = CacheInfo {
+        store_dir: store.store_dir().to_string(),
+        ..CacheInfo::default()
+    };
+    let write = |source| PushError::Write {
+        target: storage.describe(),
+        source,
+    };
+    let created = storage
+        .put_if_absent(
+            layout::CACHE_INFO,
+            content_type::CACHE_INFO,
+            Bytes::from(ours.to_string()),
+        )
+        .await
+        .map_err(write)?;
+    if created {
+        return Ok(());
+    }
+    let text = storage
+        .get(layout::CACHE_INFO)
+        .await
+        .map_err(write)?
+        .unwrap_or_default();
+    let theirs = CacheInfo::parse(&String::from_utf8_lossy(&text)).map_err(|e| {
+        PushError::CacheInfoUnreadable {
+            target: storage.describe(),
+            reason: e.to_string(),
+        }
+    })?;
+    if theirs.store_dir != ours.store_dir {
+        return Err(PushError::OtherStore {
+            target: storage.describe(),
+            theirs: theirs.store_dir,
+            ours: ours.store_dir,
+        });
+    }
+    Ok(())
+}
