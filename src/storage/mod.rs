@@ -12,6 +12,7 @@ pub mod open;
 pub mod s3;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use thiserror::Error;
@@ -293,6 +294,64 @@ pub struct RequestStats {
     pub list: u64,
     /// Requests that were repeated after a transient failure (included above too).
     pub retries: u64,
+}
+
+/// A kind of request, as [`RequestStats`] counts them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    Head,
+    Get,
+    Put,
+    /// Create, UploadPart, Complete and Abort of multipart uploads.
+    Multipart,
+    Delete,
+    List,
+}
+
+/// The live counters behind [`RequestStats`], shared by every request a backend sends;
+/// only its retry helper adds to them, once per attempt, so no request goes uncounted.
+#[derive(Debug, Default)]
+pub struct RequestCounters {
+    head: AtomicU64,
+    get: AtomicU64,
+    put: AtomicU64,
+    multipart: AtomicU64,
+    delete: AtomicU64,
+    list: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl RequestCounters {
+    /// One request of `kind` is being sent.
+    pub fn sent(&self, kind: RequestKind) {
+        let c = match kind {
+            RequestKind::Head => &self.head,
+            RequestKind::Get => &self.get,
+            RequestKind::Put => &self.put,
+            RequestKind::Multipart => &self.multipart,
+            RequestKind::Delete => &self.delete,
+            RequestKind::List => &self.list,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request is being repeated after a transient failure.
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> RequestStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RequestStats {
+            head: l(&self.head),
+            get: l(&self.get),
+            put: l(&self.put),
+            multipart: l(&self.multipart),
+            delete: l(&self.delete),
+            list: l(&self.list),
+            retries: l(&self.retries),
+        }
+    }
 }
 
 impl RequestStats {

@@ -1,0 +1,383 @@
+//! Retrying S3 requests and classifying what failed: throttling and 5xx are retried with
+//! full-jitter backoff or the server's `Retry-After`; absent objects, preconditions and
+//! missing uploads are answers, not errors; missing credentials, a wrong clock, a missing
+//! bucket and refusals are named. One helper sends every request, so each attempt is
+//! counted once in [`RequestCounters`](crate::storage::RequestCounters).
+
+use std::time::Duration;
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use rand::Rng;
+
+use super::Inner;
+use crate::storage::{RequestKind, StorageError};
+
+/// What a failed request means for us.
+pub(super) struct Classified {
+    pub(super) message: String,
+    pub(super) transient: bool,
+    pub(super) denied: bool,
+    /// The object is absent: 404 with `NoSuchKey`, `NotFound` or no code (a HEAD has no
+    /// body). Any other 404 (`NoSuchBucket`, ...) is a fault, never "absent".
+    pub(super) not_found: bool,
+    /// 404 `NoSuchUpload`: the multipart upload is gone (completed or aborted already).
+    pub(super) no_such_upload: bool,
+    pub(super) precondition: bool,
+    /// No answer at all: the endpoint is unreachable or timed out.
+    pub(super) unreachable: bool,
+    pub(super) timeout: bool,
+    /// The HTTP status, when there was a response.
+    pub(super) status: Option<u16>,
+    pub(super) retry_after: Option<Duration>,
+}
+
+pub(super) fn classify<E>(err: &SdkError<E, HttpResponse>) -> Classified
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let mut c = Classified {
+        message: String::new(),
+        transient: false,
+        denied: false,
+        not_found: false,
+        no_such_upload: false,
+        precondition: false,
+        unreachable: false,
+        timeout: false,
+        status: None,
+        retry_after: None,
+    };
+    match err {
+        SdkError::TimeoutError(_) => {
+            c.transient = true;
+            c.unreachable = true;
+            c.timeout = true;
+            c.message = "request timed out".into();
+        }
+        SdkError::DispatchFailure(d) => {
+            let chain = crate::error_chain(err);
+            // The SDK reports "no credentials anywhere" as a failure to dispatch; it is
+            // neither the network nor worth retrying, and the user must hear what it is.
+            if chain.contains("provided credentials") || chain.contains("loading credentials") {
+                c.denied = true;
+                c.message = "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or give the job a role (CI web identity, instance profile)".into();
+                return c;
+            }
+            c.transient = d.is_io() || d.is_timeout() || d.is_other();
+            c.unreachable = true;
+            c.timeout = d.is_timeout();
+            c.message = format!("cannot reach the endpoint: {chain}");
+        }
+        SdkError::ResponseError(_) => {
+            c.transient = true;
+            c.message = format!("broken response: {}", crate::error_chain(err));
+        }
+        SdkError::ServiceError(se) => {
+            let raw = se.raw();
+            let status = raw.status().as_u16();
+            c.status = Some(status);
+            let code = se.err().code().unwrap_or("");
+            c.retry_after = raw
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            // 501 NotImplemented is a server without an optional API: asking again
+            // changes nothing.
+            c.transient = (status >= 500 && status != 501 && code != "NotImplemented")
+                || status == 429
+                || matches!(
+                    code,
+                    "SlowDown"
+                        | "RequestTimeout"
+                        | "InternalError"
+                        | "ServiceUnavailable"
+                        | "Throttling"
+                        | "ThrottlingException"
+                        | "TooManyRequests"
+                );
+            c.denied = status == 401 || status == 403;
+            // Only these mean "no such object". A missing bucket must not be served as a
+            // missing narinfo: Nix caches that for an hour and builds everything itself.
+            c.not_found = status == 404 && matches!(code, "" | "NoSuchKey" | "NotFound");
+            c.no_such_upload = status == 404 && code == "NoSuchUpload";
+            c.precondition = status == 412;
+            let msg = se.err().message().unwrap_or("");
+            c.message = if code.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                format!(
+                    "HTTP {status} {code}{}{msg}",
+                    if msg.is_empty() { "" } else { ": " }
+                )
+            };
+            // A HEAD has no body, so its 403 carries no error code: the Date header still
+            // tells a wrong local clock apart from wrong credentials.
+            if status == 403
+                && code.is_empty()
+                && let Some(skew) = clock_skew(raw.headers().get("date"))
+            {
+                c.message.push_str(&format!(
+                    " (the server's clock and ours differ by {} minutes: the system clock is off; fix it with NTP)",
+                    skew.as_secs() / 60
+                ));
+            }
+            if code == "NoSuchBucket" {
+                c.message
+                    .push_str(" (check the bucket name in the URL, and the endpoint and region)");
+            }
+            if code == "RequestTimeTooSkewed" {
+                c.message
+                    .push_str(" (the system clock is off; fix it with NTP)");
+            }
+        }
+        _ => c.message = crate::error_chain(err),
+    }
+    c
+}
+
+/// How far the server's `Date` is from our clock, when more than S3's 15-minute window.
+pub(super) fn clock_skew(date: Option<&str>) -> Option<Duration> {
+    let server =
+        aws_smithy_types::DateTime::from_str(date?, aws_smithy_types::date_time::Format::HttpDate)
+            .ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    let diff = Duration::from_secs(now.abs_diff(server.secs()));
+    (diff > Duration::from_secs(15 * 60)).then_some(diff)
+}
+
+pub(super) fn to_error(op: &'static str, key: &str, c: Classified) -> StorageError {
+    if c.unreachable {
+        StorageError::Unavailable {
+            op,
+            key: key.to_owned(),
+            message: c.message,
+            timeout: c.timeout,
+        }
+    } else if c.denied {
+        StorageError::Denied {
+            op,
+            key: key.to_owned(),
+            message: c.message,
+        }
+    } else {
+        StorageError::Remote {
+            op,
+            key: key.to_owned(),
+            message: c.message,
+            transient: c.transient,
+        }
+    }
+}
+
+/// The server's `Retry-After` when it gave one (at most two minutes: a server asking for
+/// an hour is not worth holding a push for), else our own backoff.
+pub(super) fn wait_before_retry(c: &Classified, attempt: u32) -> Duration {
+    c.retry_after
+        .map(|d| d.min(Duration::from_secs(120)))
+        .unwrap_or_else(|| backoff(attempt))
+}
+
+/// Full-jitter exponential backoff: a random wait up to min(cap, base × 2^attempt).
+pub(super) fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_secs(20);
+    let exp = Duration::from_millis(200).saturating_mul(1u32 << attempt.min(10));
+    let max = exp.min(cap);
+    let ms = rand::rng().random_range(0..=max.as_millis() as u64);
+    Duration::from_millis(ms.max(50))
+}
+
+impl Inner {
+    /// Runs `f` until it succeeds, fails for good, or runs out of attempts.
+    /// `Ok(Err(c))` hands a definite, non-transient answer (404, 412) back to the caller.
+    pub(super) async fn retry<T, E, F, Fut>(
+        &self,
+        kind: RequestKind,
+        op: &'static str,
+        key: &str,
+        mut f: F,
+    ) -> Result<Result<T, Classified>, StorageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let mut attempt = 0;
+        loop {
+            self.counts.sent(kind);
+            match f().await {
+                Ok(v) => return Ok(Ok(v)),
+                Err(e) => {
+                    let c = classify(&e);
+                    if c.not_found || c.no_such_upload || c.precondition || c.status == Some(416) {
+                        return Ok(Err(c));
+                    }
+                    attempt += 1;
+                    if !c.transient || attempt >= self.cfg.max_attempts {
+                        return Err(to_error(op, key, c));
+                    }
+                    self.counts.retried();
+                    tokio::time::sleep(wait_before_retry(&c, attempt)).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::error::ErrorMetadata;
+    use aws_sdk_s3::operation::get_object::GetObjectError;
+    use aws_smithy_runtime_api::http::StatusCode;
+    use aws_smithy_types::body::SdkBody;
+
+    /// An S3 error answer as the SDK hands it over: status, error code (none for a HEAD,
+    /// which has no body) and headers.
+    fn answer(status: u16, code: &str, headers: &[(&str, &str)]) -> Classified {
+        let mut raw = HttpResponse::new(StatusCode::try_from(status).unwrap(), SdkBody::empty());
+        for (k, v) in headers {
+            raw.headers_mut().insert(k.to_string(), v.to_string());
+        }
+        let mut meta = ErrorMetadata::builder().message("from the server");
+        if !code.is_empty() {
+            meta = meta.code(code);
+        }
+        let err: SdkError<GetObjectError, HttpResponse> =
+            SdkError::service_error(GetObjectError::generic(meta.build()), raw);
+        classify(&err)
+    }
+
+    #[test]
+    fn absent_means_no_such_key_or_a_bare_404_and_nothing_else() {
+        for (code, absent) in [
+            ("NoSuchKey", true),
+            ("NotFound", true),
+            ("", true),
+            ("NoSuchBucket", false),
+            ("NoSuchUpload", false),
+            ("NoSuchLifecycleConfiguration", false),
+        ] {
+            let c = answer(404, code, &[]);
+            assert_eq!(c.not_found, absent, "404 {code:?}");
+            assert!(!c.transient, "404 {code:?}");
+        }
+        assert!(answer(404, "NoSuchUpload", &[]).no_such_upload);
+        let bucket = answer(404, "NoSuchBucket", &[]);
+        assert!(
+            bucket.message.contains("check the bucket name"),
+            "{}",
+            bucket.message
+        );
+        assert!(matches!(
+            to_error("GET", "x.narinfo", bucket),
+            StorageError::Remote {
+                transient: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn throttling_and_server_errors_are_retried_with_the_servers_pause() {
+        // AWS, Ceph and MinIO say SlowDown/503; B2 and R2 say 429 or 503; GCS-style
+        // gateways say 500 InternalError; a slow upload is 400 RequestTimeout.
+        for (status, code) in [
+            (503, "SlowDown"),
+            (503, "ServiceUnavailable"),
+            (429, "TooManyRequests"),
+            (429, ""),
+            (500, "InternalError"),
+            (502, ""),
+            (400, "RequestTimeout"),
+            (400, "Throttling"),
+            (400, "ThrottlingException"),
+        ] {
+            let c = answer(status, code, &[]);
+            assert!(c.transient, "{status} {code:?}");
+            assert!(!c.not_found && !c.denied, "{status} {code:?}");
+        }
+        let c = answer(503, "SlowDown", &[("retry-after", "7")]);
+        assert_eq!(c.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(
+            answer(503, "SlowDown", &[("retry-after", "soon")]).retry_after,
+            None
+        );
+    }
+
+    #[test]
+    fn denials_preconditions_and_missing_features_are_final() {
+        for (status, code) in [(403, "AccessDenied"), (403, "ExpiredToken"), (401, "")] {
+            let c = answer(status, code, &[]);
+            assert!(c.denied && !c.transient, "{status} {code:?}");
+            assert!(matches!(
+                to_error("PUT", "k", c),
+                StorageError::Denied { .. }
+            ));
+        }
+        let c = answer(412, "PreconditionFailed", &[]);
+        assert!(c.precondition && !c.transient);
+        // A server without an optional API: a definite answer, not an outage to retry.
+        let c = answer(501, "NotImplemented", &[]);
+        assert!(!c.transient && !c.not_found && !c.denied);
+        assert!(
+            c.message.contains("HTTP 501 NotImplemented"),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn a_wrong_clock_is_named_whether_or_not_there_is_a_body() {
+        let c = answer(403, "RequestTimeTooSkewed", &[]);
+        assert!(
+            c.message.contains("the system clock is off"),
+            "{}",
+            c.message
+        );
+        // A HEAD's 403 has no code: the server's Date tells.
+        let c = answer(403, "", &[("date", "Mon, 01 Jan 2001 00:00:00 GMT")]);
+        assert!(c.message.contains("clock"), "{}", c.message);
+        let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now())
+            .fmt(aws_smithy_types::date_time::Format::HttpDate)
+            .unwrap();
+        let c = answer(403, "", &[("date", &now)]);
+        assert!(!c.message.contains("clock"), "{}", c.message);
+    }
+
+    #[test]
+    fn waits_between_attempts_are_bounded() {
+        for attempt in 1..40 {
+            let w = backoff(attempt);
+            assert!(
+                w >= Duration::from_millis(50) && w <= Duration::from_secs(20),
+                "{attempt}: {w:?}"
+            );
+        }
+        let told = |secs: &str| answer(503, "SlowDown", &[("retry-after", secs)]);
+        assert_eq!(wait_before_retry(&told("3"), 1), Duration::from_secs(3));
+        assert_eq!(
+            wait_before_retry(&told("3600"), 1),
+            Duration::from_secs(120)
+        );
+        // An HTTP-date Retry-After is not parsed: our own backoff applies.
+        let date = told("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert!(wait_before_retry(&date, 1) <= Duration::from_millis(400));
+    }
+
+    #[test]
+    fn no_answer_at_all_is_unreachable_and_retried() {
+        let err: SdkError<GetObjectError, HttpResponse> =
+            SdkError::timeout_error("operation timed out");
+        let c = classify(&err);
+        assert!(c.unreachable && c.timeout && c.transient);
+        assert!(matches!(
+            to_error("GET", "k", c),
+            StorageError::Unavailable { timeout: true, .. }
+        ));
+    }
+}
