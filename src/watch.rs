@@ -6,6 +6,7 @@
 //!   temporary name and renamed into place, so a reader never sees half a file. A file is
 //!   removed only after its paths were published, so nothing is lost when the uploader
 //!   stops or crashes; publishing twice is harmless (the second finds the narinfo there).
+//!   [`drain`] is that rule, for any [`BatchPusher`].
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -202,6 +203,119 @@ impl Queue {
             _ => Ok(()),
         }
     }
+}
+
+/// What publishing one batch did, as [`drain`] needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Batch {
+    /// Every path was tried: `failed` of them were not published.
+    Done { pushed: usize, failed: usize },
+    /// A stop was requested: leave the rest for the next run.
+    Interrupted,
+}
+
+/// Publishes batches for [`drain`] (the CLI's pusher, or a test's).
+pub trait BatchPusher {
+    type Error;
+    /// The local store the queued paths belong to.
+    fn store(&self) -> &crate::store::LocalStore;
+    /// Publishes `roots` with their closure.
+    fn push_batch(
+        &mut self,
+        roots: Vec<StorePath>,
+    ) -> impl std::future::Future<Output = Result<Batch, Self::Error>>;
+    /// Says something the user should know (a line dropped from the queue).
+    fn warn(&self, message: &str);
+}
+
+/// Why [`drain`] stopped before trying every batch.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError<E> {
+    #[error("cannot read the queue {}: {source}", dir.display())]
+    Queue {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", file.display())]
+    File {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(crate::store::StoreError),
+    #[error(transparent)]
+    Push(E),
+}
+
+/// Publishes every queued batch, oldest first. The rule that keeps the queue lossless: a
+/// batch leaves the queue only once every path of it was published; a batch with a
+/// failure stays for the next round, and so do all batches after an interruption. Lines
+/// that are not store paths, and paths garbage-collected since they were queued, cannot
+/// ever be published: they are dropped with a warning (the rest of the batch is pushed).
+pub async fn drain<P: BatchPusher>(
+    queue: &Queue,
+    pusher: &mut P,
+) -> Result<Batch, DrainError<P::Error>> {
+    let files = queue.pending().map_err(|source| DrainError::Queue {
+        dir: queue.dir().to_owned(),
+        source,
+    })?;
+    let (mut pushed, mut failed) = (0, 0);
+    for f in files {
+        let lines = queue.read(&f).map_err(|source| DrainError::File {
+            file: f.0.clone(),
+            source,
+        })?;
+        let dir = pusher.store().store_dir().clone();
+        let mut roots: Vec<StorePath> = Vec::new();
+        for l in &lines {
+            match dir.parse_path(l) {
+                Ok(p) => roots.push(p),
+                Err(e) => pusher.warn(&format!("{}: skipping {l}: {e}", f.0.display())),
+            }
+        }
+        let valid = pusher
+            .store()
+            .valid_of(&roots)
+            .await
+            .map_err(DrainError::Store)?;
+        for gone in roots.iter().filter(|r| !valid.contains(r)) {
+            pusher.warn(&format!(
+                "{} is no longer in the store; dropped from the queue",
+                dir.display(gone)
+            ));
+        }
+        let outcome = if valid.is_empty() {
+            Batch::Done {
+                pushed: 0,
+                failed: 0,
+            }
+        } else {
+            pusher.push_batch(valid).await.map_err(DrainError::Push)?
+        };
+        match outcome {
+            Batch::Interrupted => return Ok(Batch::Interrupted),
+            Batch::Done {
+                pushed: p,
+                failed: 0,
+            } => {
+                pushed += p;
+                queue.done(&f).map_err(|source| DrainError::File {
+                    file: f.0.clone(),
+                    source,
+                })?;
+            }
+            // Kept for the next round.
+            Batch::Done {
+                pushed: p,
+                failed: n,
+            } => {
+                pushed += p;
+                failed += n;
+            }
+        }
+    }
+    Ok(Batch::Done { pushed, failed })
 }
 
 #[cfg(test)]

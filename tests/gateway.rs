@@ -4,8 +4,8 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
 use common::http::{Forwarder, Gateway, get, request};
 use common::s3::S3;
@@ -13,70 +13,15 @@ use common::*;
 
 /// Pushes `path`'s closure to `bucket`, signed with `sk` when given.
 fn push(s3: &S3, bucket: &str, sk: Option<&Path>, path: &Path) {
-    let mut c = cachepush();
-    s3.creds(&mut c);
-    c.arg("copy").arg("--to").arg(s3.url(bucket, "")).arg("-q");
-    if let Some(sk) = sk {
-        c.arg("--signing-key").arg(sk);
-    }
-    run_ok(c.arg(path));
+    run_ok(copy_cmd(&s3.url(bucket, ""), Some(s3), sk, &["-q"]).arg(path));
 }
 
 fn gateway_cmd(s3: &S3, bucket: &str, extra: &[&str]) -> Command {
-    let mut c = cachepush();
-    s3.creds(&mut c);
-    c.arg("gateway")
-        .arg("--from")
-        .arg(s3.url(bucket, ""))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(extra);
-    c
+    gateway_from(&s3.url(bucket, ""), Some(s3), extra)
 }
 
 fn gateway(s3: &S3, bucket: &str, extra: &[&str]) -> Gateway {
     Gateway::start(gateway_cmd(s3, bucket, extra))
-}
-
-/// `nix copy --from URL` into a fresh store, signatures checked, with a netrc file or none.
-fn nix_via(url: &str, dest: &Path, path: &Path, pk: &str, netrc: Option<&Path>) -> Output {
-    let netrc = netrc.map_or("/nonexistent/netrc".into(), |p| p.display().to_string());
-    nix()
-        .args(["copy", "--from", url, "--to"])
-        .arg(dest)
-        .arg(path)
-        .args(["--option", "trusted-public-keys", pk])
-        .args(["--option", "require-sigs", "true"])
-        .args(["--option", "netrc-file", &netrc])
-        .args(["--option", "narinfo-cache-negative-ttl", "0"])
-        .output()
-        .expect("run nix copy")
-}
-
-fn htpasswd(dir: &Path, user: &str, pass: &str) -> PathBuf {
-    require("htpasswd");
-    // The password on stdin (-i), as a careful user would, not on the command line.
-    let mut child = Command::new("htpasswd")
-        .args(["-niB", user])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), pass.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let file = dir.join("htpasswd");
-    std::fs::write(&file, stdout(&out)).unwrap();
-    file
-}
-
-fn netrc(dir: &Path, name: &str, user: &str, pass: &str) -> PathBuf {
-    let file = dir.join(name);
-    std::fs::write(
-        &file,
-        format!("machine localhost login {user} password {pass}\n"),
-    )
-    .unwrap();
-    file
 }
 
 fn hash_of(path: &Path) -> String {

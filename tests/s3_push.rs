@@ -14,15 +14,8 @@ use common::s3::S3;
 use common::*;
 
 fn push_cmd(s3: &S3, bucket: &str, prefix: &str, sk: &Path, extra: &[&str]) -> Command {
-    let mut c = cachepush();
-    s3.creds(&mut c);
-    c.arg("copy")
-        .arg("--to")
-        .arg(s3.url(bucket, prefix))
-        .arg("--signing-key")
-        .arg(sk)
-        .arg("--json")
-        .args(extra);
+    let mut c = copy_cmd(&s3.url(bucket, prefix), Some(s3), Some(sk), &["--json"]);
+    c.args(extra);
     c
 }
 

@@ -5,8 +5,12 @@
 //! - 3: the target could not be reached or written before any path was sent;
 //! - 130: interrupted (Ctrl-C); nothing half-published is left visible.
 
+use std::process::ExitCode;
+
 use cachepush::push::PushError;
 use cachepush::storage::OpenError;
+use cachepush::storage::StorageError;
+use cachepush::watch::{Batch, DrainError};
 
 /// An error at the CLI edge: one line for the user, and the exit status it maps to.
 #[derive(Debug)]
@@ -66,12 +70,36 @@ impl From<OpenError> for Failure {
             OpenError::Directory { .. } => Failure::target(text),
             // A client configuration that cannot be built (bad endpoint) is input; any
             // other storage error at connect time is the target's.
-            OpenError::Storage(ref s)
-                if matches!(s, cachepush::storage::StorageError::Config(_)) =>
-            {
-                Failure::input(text)
-            }
+            OpenError::Storage(StorageError::Config(_)) => Failure::input(text),
             OpenError::Storage(_) => Failure::target(text),
+        }
+    }
+}
+
+/// The exit status of a push (or of a round of batches) that ran to its end.
+pub fn exit_code(outcome: Batch) -> ExitCode {
+    match outcome {
+        Batch::Done { failed: 0, .. } => ExitCode::SUCCESS,
+        // Some paths were not published; each was listed with its reason.
+        Batch::Done { .. } => ExitCode::from(1),
+        Batch::Interrupted => ExitCode::from(130),
+    }
+}
+
+impl From<DrainError<Failure>> for Failure {
+    fn from(e: DrainError<Failure>) -> Self {
+        match e {
+            // A batch's own failure already has its status.
+            DrainError::Push(f) => f,
+            // A queue directory or file that cannot be read, or a store that cannot say
+            // which paths are valid: the setup is what to fix.
+            DrainError::Queue { dir, source } => {
+                Failure::input(format!("cannot read the queue {}: {source}", dir.display()))
+            }
+            DrainError::File { file, source } => {
+                Failure::input(format!("{}: {source}", file.display()))
+            }
+            DrainError::Store(s) => Failure::input(s.to_string()),
         }
     }
 }

@@ -287,7 +287,7 @@ fn one_shot(
         let outcome = pusher
             .push(roots, !select.no_closure, select.dry_run, select.json)
             .await?;
-        Ok(outcome.exit_code())
+        Ok(super::failure::exit_code(outcome))
     })
 }
 
@@ -299,22 +299,8 @@ pub struct Pusher {
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
-/// How a push ended, as far as the exit status goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Done { pushed: usize, failed: usize },
-    Interrupted,
-}
-
-impl Outcome {
-    pub fn exit_code(self) -> ExitCode {
-        match self {
-            Outcome::Done { failed: 0, .. } => ExitCode::SUCCESS,
-            Outcome::Done { .. } => ExitCode::from(1),
-            Outcome::Interrupted => ExitCode::from(130),
-        }
-    }
-}
+/// How a push ended, as far as the exit status goes (the watch commands' batches too).
+pub use cachepush::watch::Batch as Outcome;
 
 impl Pusher {
     /// Connects to `url` with `settings` over `file`. `Ok(None)`: there are no credentials
@@ -421,5 +407,21 @@ impl Pusher {
             .run(req, &mut shown, until_stopped(&mut stop))
             .await?;
         Ok(shown.summary(&outcome, storage.stats(), storage.left_open(), json))
+    }
+}
+
+impl cachepush::watch::BatchPusher for Pusher {
+    type Error = Failure;
+
+    fn store(&self) -> &LocalStore {
+        &self.store
+    }
+
+    async fn push_batch(&mut self, roots: Vec<StorePath>) -> Result<Outcome, Failure> {
+        self.push(roots, true, false, false).await
+    }
+
+    fn warn(&self, message: &str) {
+        self.out.warn(message)
     }
 }

@@ -4,8 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cachepush::format::StorePath;
-use cachepush::watch::{Queue, StoreScanner};
+use cachepush::watch::{self, Queue, StoreScanner};
 use clap::Args;
 
 use super::config::{self, FileSettings};
@@ -114,71 +113,9 @@ async fn push_new(pusher: &mut Pusher, scanner: &mut StoreScanner) -> Result<Out
     res
 }
 
-/// Publishes every queued batch; a batch leaves the queue only once it is published.
+/// Publishes every queued batch (the library's [`watch::drain`] rule).
 async fn drain(pusher: &mut Pusher, queue: &Queue) -> Result<Outcome, Failure> {
-    let files = queue.pending().map_err(|e| {
-        Failure::input(format!(
-            "cannot read the queue {}: {e}",
-            queue.dir().display()
-        ))
-    })?;
-    let (mut pushed, mut failed) = (0, 0);
-    for f in files {
-        let lines = queue
-            .read(&f)
-            .map_err(|e| Failure::input(format!("{}: {e}", f.0.display())))?;
-        let dir = pusher.store.store_dir().clone();
-        let mut roots: Vec<StorePath> = Vec::new();
-        for l in &lines {
-            match dir.parse_path(l) {
-                Ok(p) => roots.push(p),
-                Err(e) => pusher
-                    .out
-                    .warn(&format!("{}: skipping {l}: {e}", f.0.display())),
-            }
-        }
-        // Paths garbage-collected since they were queued cannot be published any more.
-        let valid = pusher
-            .store
-            .valid_of(&roots)
-            .await
-            .map_err(|e| Failure::input(e.to_string()))?;
-        for gone in roots.iter().filter(|r| !valid.contains(r)) {
-            pusher.out.warn(&format!(
-                "{} is no longer in the store; dropped from the queue",
-                dir.display(gone)
-            ));
-        }
-        let outcome = if valid.is_empty() {
-            Outcome::Done {
-                pushed: 0,
-                failed: 0,
-            }
-        } else {
-            pusher.push(valid, true, false, false).await?
-        };
-        match outcome {
-            Outcome::Interrupted => return Ok(Outcome::Interrupted),
-            Outcome::Done {
-                pushed: p,
-                failed: 0,
-            } => {
-                pushed += p;
-                queue
-                    .done(&f)
-                    .map_err(|e| Failure::input(format!("{}: {e}", f.0.display())))?;
-            }
-            // Kept for the next round.
-            Outcome::Done {
-                pushed: p,
-                failed: n,
-            } => {
-                pushed += p;
-                failed += n;
-            }
-        }
-    }
-    Ok(Outcome::Done { pushed, failed })
+    Ok(watch::drain(queue, pusher).await?)
 }
 
 pub fn run_watch_store(a: WatchStoreArgs) -> Result<ExitCode, Failure> {
@@ -192,7 +129,7 @@ pub fn run_watch_store(a: WatchStoreArgs) -> Result<ExitCode, Failure> {
             return Ok(ExitCode::SUCCESS);
         };
         if a.once {
-            return Ok(drain(&mut pusher, &queue).await?.exit_code());
+            return Ok(super::failure::exit_code(drain(&mut pusher, &queue).await?));
         }
         let mut scanner = if a.queue_only {
             None

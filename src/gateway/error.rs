@@ -106,8 +106,9 @@ impl Refusal {
             // The gateway's own credentials are refused: its configuration, not the
             // client's; the client must not be told "unauthorized".
             StorageError::Denied { .. } => Refusal::StorageFailed,
-            // A local directory that cannot be read.
-            StorageError::Io { .. } => Refusal::StorageFailed,
+            // A cache directory that cannot be read now (moved, unmounted, a disk error):
+            // an outage of the storage, as an unreachable bucket is.
+            StorageError::Io { .. } => Refusal::StorageUnavailable,
             // A key or setting the storage cannot use.
             StorageError::Config(_) => Refusal::StorageFailed,
         }
@@ -172,6 +173,14 @@ mod tests {
             (denied, 502),
             (throttled, 503),
             (StorageError::Config("x".into()), 502),
+            (
+                StorageError::Io {
+                    op: "stat",
+                    key: "/cache".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                },
+                503,
+            ),
         ] {
             assert_eq!(Refusal::from_storage(&e).status().as_u16(), status, "{e}");
         }

@@ -185,6 +185,18 @@ impl Storage for LocalDir {
         }))
     }
 
+    /// The directory itself must be there: a cache directory that was moved or unmounted
+    /// is an outage, not a cache in which everything is absent.
+    async fn check_health(&self) -> Result<(), StorageError> {
+        match tokio::fs::metadata(&self.root).await {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(io_err("stat", &self.root.display().to_string())(
+                std::io::Error::other("not a directory"),
+            )),
+            Err(e) => Err(io_err("stat", &self.root.display().to_string())(e)),
+        }
+    }
+
     async fn put(&self, key: &str, _ct: &'static str, body: Bytes) -> Result<(), StorageError> {
         let target = self.path(key)?;
         blocking("write", key, move || {

@@ -3,9 +3,12 @@
 
 #![allow(dead_code)]
 
+pub mod cmd;
 pub mod fault;
 pub mod http;
 pub mod s3;
+
+pub use cmd::*;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -87,41 +90,6 @@ pub fn shared_top() -> &'static Path {
 pub fn closure_of(path: &Path) -> Vec<PathBuf> {
     let out = run_ok(Command::new("nix-store").args(["-qR"]).arg(path));
     stdout(&out).lines().map(PathBuf::from).collect()
-}
-
-/// An empty home directory for cachepush processes: a developer's own
-/// `~/.config/cachepush/config.toml` (or a `cachepush.toml` above the checkout) must not
-/// change what a test sees. Tests that want a config file set `HOME`, `XDG_CONFIG_HOME` or
-/// the working directory themselves.
-fn empty_home() -> &'static Path {
-    static HOME: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    HOME.get_or_init(|| {
-        // Under the system's temp dir, not the checkout: a `cachepush.toml` is looked for
-        // in every parent of the working directory.
-        let d = std::env::temp_dir().join(format!("cachepush-tests-home-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("create the tests' empty home");
-        d
-    })
-}
-
-pub fn cachepush() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cachepush"));
-    let home = empty_home();
-    c.env("HOME", home)
-        .env("XDG_CONFIG_HOME", home.join(".config"))
-        .env("XDG_STATE_HOME", home.join(".local/state"))
-        .current_dir(home);
-    // Tests choose their own keys and targets; nothing leaks in from the developer's shell
-    // (or from a CI system's), except the test servers' coordinates.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if (k.starts_with("CACHEPUSH_") && !k.starts_with("CACHEPUSH_TEST_"))
-            || k == "GITHUB_ACTIONS"
-        {
-            c.env_remove(&*k);
-        }
-    }
-    c
 }
 
 /// The real `nix`, with the new CLI enabled and a narinfo disk cache of its own.
