@@ -38,7 +38,7 @@ in
     from = mkOption {
       type = types.str;
       example = "s3://nix-cache?endpoint=https://s3.us-west-004.backblazeb2.com&region=us-west-004";
-      description = "The bucket to serve, in Nix's s3:// URL syntax.";
+      description = "The cache to serve: a bucket in Nix's s3:// URL syntax, or a cache directory as file:///DIR (read only; the service user needs read access to it).";
     };
 
     listen = mkOption {

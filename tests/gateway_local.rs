@@ -222,6 +222,21 @@ fn the_gateway_runs_in_process_over_a_local_directory() {
     assert_eq!(r.status, 206);
     assert_eq!(r.body, bytes[bytes.len() - 5..]);
     assert_eq!(request(addr, "DELETE", &format!("/{nar}"), &h).status, 405);
+    // A symlink planted in the directory that leads out of it is never followed: 5xx,
+    // and not a byte of what it points at. One inside the cache is served.
+    let secret = tmp.path().join("gateway-secret");
+    std::fs::write(&secret, "the gateway's own secret").unwrap();
+    let planted = format!("nar/{}.nar", "1".repeat(52));
+    std::os::unix::fs::symlink(&secret, dir.join(&planted)).unwrap();
+    for method in ["GET", "HEAD"] {
+        let r = request(addr, method, &format!("/{planted}"), &h);
+        assert_eq!(r.status, 502, "{method}");
+        assert!(!r.text().contains("secret"), "{method}: {}", r.text());
+    }
+    let inside = format!("nar/{}.nar", "2".repeat(52));
+    std::os::unix::fs::symlink(dir.join(&nar), dir.join(&inside)).unwrap();
+    let r = request(addr, "GET", &format!("/{inside}"), &h);
+    assert_eq!((r.status, r.body == bytes), (200, true));
     assert_eq!(get(addr, "/healthz").status, 200);
 
     // The directory goes away: a missing NAR is then not "absent" but an outage (5xx), and

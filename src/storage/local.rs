@@ -49,6 +49,28 @@ impl LocalDir {
         Ok(self.root.join(key))
     }
 
+    /// The file to read for `key`, or `None` when there is none. A path that resolves
+    /// outside the cache directory is refused: a symlink planted by someone who can write
+    /// the directory must not make a gateway serve files only it may read (its own
+    /// credentials, say).
+    async fn readable(&self, key: &str) -> Result<Option<PathBuf>, StorageError> {
+        let path = self.path(key)?;
+        let real = match tokio::fs::canonicalize(&path).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("resolve", key)(e)),
+        };
+        let root = tokio::fs::canonicalize(&self.root)
+            .await
+            .map_err(io_err("resolve", key))?;
+        if !real.starts_with(&root) {
+            return Err(StorageError::Config(format!(
+                "{key} resolves outside the cache directory; refusing to read it"
+            )));
+        }
+        Ok(Some(real))
+    }
+
     /// A temp name beside `target` that nobody can guess: with a predictable one, another
     /// local user who can write the cache directory could plant a symlink there and have
     /// cachepush (often root, in hook setups) write through it (security review L15).
@@ -110,7 +132,10 @@ impl Storage for LocalDir {
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        match tokio::fs::metadata(self.path(key)?).await {
+        let Some(path) = self.readable(key).await? else {
+            return Ok(None);
+        };
+        match tokio::fs::metadata(path).await {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("stat", key)(e)),
@@ -118,7 +143,10 @@ impl Storage for LocalDir {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        match tokio::fs::read(self.path(key)?).await {
+        let Some(path) = self.readable(key).await? else {
+            return Ok(None);
+        };
+        match tokio::fs::read(path).await {
             Ok(b) => Ok(Some(Bytes::from(b))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("read", key)(e)),
@@ -127,7 +155,10 @@ impl Storage for LocalDir {
 
     async fn read(&self, key: &str) -> Result<Option<super::ObjectBytes>, StorageError> {
         use tokio::io::AsyncReadExt;
-        let file = match tokio::fs::File::open(self.path(key)?).await {
+        let Some(path) = self.readable(key).await? else {
+            return Ok(None);
+        };
+        let file = match tokio::fs::File::open(path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("open", key)(e)),
@@ -149,7 +180,10 @@ impl Storage for LocalDir {
         range: Option<ByteRange>,
     ) -> Result<StreamOutcome, StorageError> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let mut file = match tokio::fs::File::open(self.path(key)?).await {
+        let Some(path) = self.readable(key).await? else {
+            return Ok(StreamOutcome::NotFound);
+        };
+        let mut file = match tokio::fs::File::open(path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(StreamOutcome::NotFound);
