@@ -241,6 +241,8 @@ pub enum DrainError<E> {
         file: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot list the store: {0}")]
+    Scan(#[source] std::io::Error),
     #[error(transparent)]
     Store(crate::store::StoreError),
     #[error(transparent)]
@@ -316,6 +318,50 @@ pub async fn drain<P: BatchPusher>(
         }
     }
     Ok(Batch::Done { pushed, failed })
+}
+
+/// One round of watching the store: asks Nix which new entries are valid, publishes
+/// those, and hands the rest back to the scanner. Paths of a round that failed, in part or
+/// as a whole, go back to the scanner to be retried with backoff: a failed round never
+/// loses paths (security review M5).
+pub async fn push_new<P: BatchPusher>(
+    pusher: &mut P,
+    scanner: &mut StoreScanner,
+) -> Result<Batch, DrainError<P::Error>> {
+    let nothing = Batch::Done {
+        pushed: 0,
+        failed: 0,
+    };
+    let candidates = scanner.candidates().map_err(DrainError::Scan)?;
+    if candidates.is_empty() {
+        return Ok(nothing);
+    }
+    let valid = match pusher.store().valid_of(&candidates).await {
+        Ok(v) => v,
+        Err(e) => {
+            scanner.retry_later(candidates);
+            return Err(DrainError::Store(e));
+        }
+    };
+    scanner.wait_for(candidates.into_iter().filter(|c| !valid.contains(c)));
+    if valid.is_empty() {
+        return Ok(nothing);
+    }
+    // Re-pushing the whole round is cheap: what was published is found present.
+    let res = pusher.push_batch(valid.clone()).await;
+    match &res {
+        Ok(Batch::Done { failed: 0, .. }) => scanner.round_succeeded(),
+        Ok(Batch::Done { .. }) | Err(_) => {
+            scanner.retry_later(valid);
+            pusher.warn(&format!(
+                "{} paths will be pushed again after a pause",
+                scanner.failed()
+            ));
+        }
+        // Stopping: nothing is retried, the process ends.
+        Ok(Batch::Interrupted) => {}
+    }
+    res.map_err(DrainError::Push)
 }
 
 #[cfg(test)]

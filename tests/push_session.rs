@@ -20,6 +20,7 @@ use cachepush::storage::{
     ByteRange, LocalDir, ObjectBytes, Staged, Storage, StorageError, StreamOutcome,
 };
 use cachepush::store::LocalStore;
+use cachepush::watch::{Batch, Queue, drain};
 use common::*;
 use tokio::sync::mpsc;
 
@@ -370,4 +371,92 @@ fn cancelled_in_the_middle_leaves_a_consistent_cache_and_nothing_open() {
     assert_eq!(counts.to_send, fx.paths.len());
     assert!(visible.lock().unwrap().is_empty());
     assert!(!empty.path().join(layout::CACHE_INFO).exists());
+}
+
+/// The post-build-hook queue drained by the library over the same session: a batch leaves
+/// the queue only once every path of it is published; lines that can never be published
+/// are dropped with a warning; the failed batch is pushed by the next drain.
+struct Drainer {
+    session: Session<Refusing>,
+}
+
+impl cachepush::watch::BatchPusher for Drainer {
+    type Error = cachepush::push::PushError;
+    fn store(&self) -> &LocalStore {
+        self.session.store()
+    }
+    async fn push_batch(&mut self, roots: Vec<StorePath>) -> Result<Batch, Self::Error> {
+        let req = Request {
+            roots,
+            closure: true,
+            dry_run: false,
+        };
+        let quiet = &mut cachepush::push::session::Quiet;
+        Ok(
+            match self.session.run(req, quiet, std::future::pending()).await? {
+                Outcome::Done { report, .. } => Batch::Done {
+                    pushed: report.pushed,
+                    failed: report.failed.len(),
+                },
+                Outcome::Interrupted { .. } => Batch::Interrupted,
+                Outcome::Planned { .. } => unreachable!("not a dry run"),
+            },
+        )
+    }
+    fn warn(&self, message: &str) {
+        // The drain's effect on the queue is what the test checks.
+        eprintln!("warning: {message}");
+    }
+}
+
+#[test]
+fn a_queued_batch_leaves_the_queue_only_once_published() {
+    let fx = Fixture::new(&unique("session-queue"));
+    let tmp = tempfile::tempdir().unwrap();
+    let queue = Queue::new(tmp.path().join("queue"));
+    let dir = fx.store.store_dir().clone();
+    let show = |p: &StorePath| dir.display(p).to_string();
+    let dep = show(fx.named("dep"));
+    let top = show(&fx.top);
+    let gone = format!("{}/{}-gone", dir.as_str(), "0".repeat(32));
+    let first = queue.enqueue(&[&dep]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let second = queue.enqueue(&[&top]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let third = queue.enqueue(&["not a store path", &gone]).unwrap();
+
+    // top's narinfo is refused: its batch stays, the others go.
+    let (refusing, _) = session(
+        &fx,
+        &tmp.path().join("cache"),
+        &[layout::narinfo_of(&fx.top)],
+    );
+    let mut d = Drainer { session: refusing };
+    let rt = runtime();
+    let got = rt.block_on(drain(&queue, &mut d)).unwrap();
+    assert!(matches!(got, Batch::Done { failed: 1, .. }), "{got:?}");
+    let left: Vec<_> = queue.pending().unwrap().into_iter().map(|f| f.0).collect();
+    assert_eq!(
+        left,
+        vec![second.0.clone()],
+        "first {first:?}, third {third:?}"
+    );
+
+    // Without the refusal the next drain publishes it and empties the queue.
+    d.session = session(&fx, &tmp.path().join("cache"), &[]).0;
+    let got = rt.block_on(drain(&queue, &mut d)).unwrap();
+    assert_eq!(
+        got,
+        Batch::Done {
+            pushed: 1,
+            failed: 0
+        }
+    );
+    assert!(queue.pending().unwrap().is_empty());
+    assert!(
+        tmp.path()
+            .join("cache")
+            .join(layout::narinfo_of(&fx.top))
+            .is_file()
+    );
 }

@@ -99,6 +99,7 @@ impl From<DrainError<Failure>> for Failure {
             DrainError::File { file, source } => {
                 Failure::input(format!("{}: {source}", file.display()))
             }
+            DrainError::Scan(e) => Failure::input(format!("cannot list the store: {e}")),
             DrainError::Store(s) => Failure::input(s.to_string()),
         }
     }

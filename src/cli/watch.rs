@@ -69,48 +69,9 @@ fn interval(secs: f64) -> Result<Duration, Failure> {
         .ok_or_else(|| Failure::input("--interval must be between 0 and 3600 seconds"))
 }
 
-/// Asks Nix which candidates are valid; pushes those, hands the rest back to the scanner.
-/// Paths of a round that failed, in part or as a whole, go back to the scanner to be
-/// retried with backoff: a failed round never loses paths (security review M5).
+/// One round over the store (the library's [`watch::push_new`]).
 async fn push_new(pusher: &mut Pusher, scanner: &mut StoreScanner) -> Result<Outcome, Failure> {
-    let candidates = scanner
-        .candidates()
-        .map_err(|e| Failure::input(format!("cannot list the store: {e}")))?;
-    if candidates.is_empty() {
-        return Ok(Outcome::Done {
-            pushed: 0,
-            failed: 0,
-        });
-    }
-    let valid = match pusher.store.valid_of(&candidates).await {
-        Ok(v) => v,
-        Err(e) => {
-            scanner.retry_later(candidates);
-            return Err(Failure::input(e.to_string()));
-        }
-    };
-    scanner.wait_for(candidates.into_iter().filter(|c| !valid.contains(c)));
-    if valid.is_empty() {
-        return Ok(Outcome::Done {
-            pushed: 0,
-            failed: 0,
-        });
-    }
-    // Re-pushing the whole round is cheap: what was published is found present.
-    let res = pusher.push(valid.clone(), true, false, false).await;
-    match &res {
-        Ok(Outcome::Done { failed: 0, .. }) => scanner.round_succeeded(),
-        Ok(Outcome::Done { .. }) | Err(_) => {
-            scanner.retry_later(valid);
-            pusher.out.warn(&format!(
-                "{} paths will be pushed again after a pause",
-                scanner.failed()
-            ));
-        }
-        // Stopping: nothing is retried, the process ends.
-        Ok(Outcome::Interrupted) => {}
-    }
-    res
+    Ok(watch::push_new(pusher, scanner).await?)
 }
 
 /// Publishes every queued batch (the library's [`watch::drain`] rule).
