@@ -94,12 +94,14 @@ impl fmt::Display for Compression {
 }
 
 /// What one pass over a store path produced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Produced {
     pub nar_hash: Sha256,
     pub nar_size: u64,
     pub file_hash: Sha256,
     pub file_size: u64,
+    /// The NAR listing (`<hash>.ls`), when asked for.
+    pub listing: Option<String>,
 }
 
 /// Counts and hashes what passes through.
@@ -228,6 +230,19 @@ pub fn produce(
     chunk: usize,
     tx: mpsc::Sender<Bytes>,
 ) -> io::Result<Produced> {
+    produce_listed(path, compression, nar_size_hint, chunk, tx, false)
+}
+
+/// As [`produce`], and with `listing` also the NAR listing, made in the same pass over
+/// the files (no second read).
+pub fn produce_listed(
+    path: &Path,
+    compression: Compression,
+    nar_size_hint: u64,
+    chunk: usize,
+    tx: mpsc::Sender<Bytes>,
+    listing: bool,
+) -> io::Result<Produced> {
     let sink = ChunkSink {
         tx,
         buf: BytesMut::with_capacity(chunk),
@@ -244,11 +259,17 @@ pub fn produce(
         count: 0,
     };
     // NAR writing issues many small writes; a buffer keeps them off the compressor's path.
-    {
+    let listing = {
         let mut buffered = io::BufWriter::with_capacity(128 * 1024, &mut nar_out);
-        nar::dump_path(path, &mut buffered)?;
+        let listing = if listing {
+            Some(nar::dump_path_listed(path, &mut buffered)?.to_string())
+        } else {
+            nar::dump_path(path, &mut buffered)?;
+            None
+        };
         buffered.flush()?;
-    }
+        listing
+    };
     let Hashing {
         inner: encoder,
         hasher: nar_hasher,
@@ -261,6 +282,7 @@ pub fn produce(
         nar_size,
         file_hash: Sha256::from_bytes(file.hasher.finalize().into()),
         file_size: file.count,
+        listing,
     })
 }
 

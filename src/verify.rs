@@ -101,9 +101,7 @@ pub async fn verify<S: Storage>(
     // (501 NotImplemented) leaves that one check undone, and says so, rather than the
     // whole cache unchecked.
     let open = match storage.open_uploads().await {
-        Err(StorageError::Remote { message, .. })
-            if message.contains("HTTP 501") || message.contains("NotImplemented") =>
-        {
+        Err(StorageError::Unsupported { message, .. }) => {
             report.not_checked.push(format!(
                 "open multipart uploads: the server does not list them ({message})"
             ));

@@ -381,7 +381,34 @@ fn unreachable_or_refused_targets_exit_3() {
                 seaweed.url(&bucket, ""),
                 &[("AWS_SECRET_ACCESS_KEY", "not-the-secret-at-all")],
             ),
-            "access denied",
+            "SignatureDoesNotMatch",
+        ),
+        (
+            "wrong secret (Ceph)",
+            run(
+                &ceph,
+                ceph.url(&unique("wrong-secret"), ""),
+                &[("AWS_SECRET_ACCESS_KEY", "not-the-secret-at-all")],
+            ),
+            "AWS_SECRET_ACCESS_KEY",
+        ),
+        (
+            "unknown access key",
+            run(
+                &seaweed,
+                seaweed.url(&bucket, ""),
+                &[("AWS_ACCESS_KEY_ID", "NOSUCHKEY0000000")],
+            ),
+            "does not know the access key ID",
+        ),
+        (
+            "unknown access key (Ceph)",
+            run(
+                &ceph,
+                ceph.url(&unique("unknown-key"), ""),
+                &[("AWS_ACCESS_KEY_ID", "NOSUCHKEY0000000")],
+            ),
+            "InvalidAccessKeyId",
         ),
         (
             "no credentials at all",

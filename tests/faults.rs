@@ -1357,9 +1357,85 @@ fn verify_carries_on_when_listing_uploads_is_not_implemented() {
         "{v}"
     );
     assert!(stderr_of(&o).contains("not checked"), "{}", stderr_of(&o));
+    assert_eq!(
+        stderr_of(&o).matches("not checked").count(),
+        1,
+        "said once: {}",
+        stderr_of(&o)
+    );
     assert!(proxy.injected() >= 1);
+
+    // Real damage is still found on that server: a deleted NAR, with --full.
+    let nar = s3
+        .keys(&bucket, "")
+        .into_iter()
+        .find(|k| k.starts_with("nar/"))
+        .unwrap();
+    s3.delete(&bucket, &nar);
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let o = c
+        .args([
+            "verify",
+            "--full",
+            "--json",
+            "--trusted-key",
+            &pk,
+            "--endpoint",
+        ])
+        .arg(proxy.endpoint())
+        .arg(s3.url(&bucket, ""))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let v = json(&o);
+    assert!(v["problems"].to_string().contains(&nar), "{v}");
+    assert!(
+        v["not_checked"]
+            .to_string()
+            .contains("open multipart uploads"),
+        "{v}"
+    );
+
     proxy.clear();
     let o = run();
-    assert_eq!(o.status.code(), Some(0), "{}", stderr_of(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     assert_eq!(json(&o)["not_checked"], serde_json::json!([]));
+}
+
+/// A server without conditional writes (501 to `If-None-Match` on PUT): the push creates
+/// nix-cache-info after its HEAD found none, says so once, and publishes everything
+/// (verify finds the whole closure). A second push finds the cache as it left it.
+#[test]
+fn a_push_does_without_conditional_writes() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+    let bucket = s3.new_bucket("noifnonematch");
+    let top = build("", &unique("no-conditional-writes"));
+    proxy.add(Rule {
+        method: "PUT",
+        target: "",
+        times: usize::MAX,
+        fault: Fault::StatusIfHeader("if-none-match", 501, "NotImplemented"),
+    });
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(proxy.injected() >= 1, "the fault never fired");
+    let said = stderr_of(&o);
+    assert_eq!(
+        said.matches("does not support conditional writes").count(),
+        1,
+        "{said}"
+    );
+    assert!(s3.head(&bucket, "nix-cache-info").is_some());
+    assert_verified(&s3, &bucket, &pk, closure_of(&top).len());
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(
+        !stderr_of(&o).contains("conditional writes"),
+        "{}",
+        stderr_of(&o)
+    );
 }

@@ -168,6 +168,7 @@ fn session(
             },
             jobs: 4,
             signing_key: None,
+            write_nar_listing: false,
         },
         PlanOptions::default(),
     );

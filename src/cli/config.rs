@@ -32,6 +32,7 @@ pub struct FileSettings {
     pub addressing_style: Option<String>,
     pub part_size: Option<u32>,
     pub queue_dir: Option<PathBuf>,
+    pub write_nar_listing: Option<bool>,
 }
 
 impl FileSettings {
@@ -61,6 +62,7 @@ impl FileSettings {
             profile: self.profile.or(other.profile),
             addressing_style: self.addressing_style.or(other.addressing_style),
             part_size: self.part_size.or(other.part_size),
+            write_nar_listing: self.write_nar_listing.or(other.write_nar_listing),
             queue_dir: self.queue_dir.or(other.queue_dir),
         }
     }

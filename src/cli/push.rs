@@ -128,6 +128,11 @@ pub struct Settings {
     #[arg(long, env = "CACHEPUSH_SKIP_IF_NO_CREDENTIALS",
           value_parser = clap::builder::BoolishValueParser::new())]
     skip_if_no_credentials: bool,
+    /// Also write `<hash>.ls`, each NAR's file listing (as Nix's `write-nar-listing=true`,
+    /// which the URL may say too), made in the same pass over the files.
+    #[arg(long, env = "CACHEPUSH_WRITE_NAR_LISTING",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    write_nar_listing: bool,
     /// More output (each path as it is published).
     #[arg(short, long, conflicts_with = "quiet")]
     verbose: bool,
@@ -297,6 +302,8 @@ pub struct Pusher {
     session: Session<AnyStorage>,
     pub out: Output,
     stop: tokio::sync::watch::Receiver<bool>,
+    /// Storage notes already shown: a watcher says each once, not every round.
+    noted: std::collections::HashSet<String>,
 }
 
 /// How a push ended, as far as the exit status goes (the watch commands' batches too).
@@ -368,6 +375,11 @@ impl Pusher {
                 compression,
                 jobs,
                 signing_key: key.map(Arc::new),
+                write_nar_listing: settings.write_nar_listing
+                    || file.write_nar_listing.unwrap_or(false)
+                    || target
+                        .param("write-nar-listing")
+                        .is_some_and(|v| v == "true" || v == "1"),
             },
             PlanOptions {
                 // HEADs are small: more of them in flight hides the round-trip time.
@@ -382,6 +394,7 @@ impl Pusher {
             session,
             out,
             stop: stop_signal(),
+            noted: Default::default(),
         }))
     }
 
@@ -406,6 +419,11 @@ impl Pusher {
             .session
             .run(req, &mut shown, until_stopped(&mut stop))
             .await?;
+        for note in storage.notes() {
+            if self.noted.insert(note.clone()) {
+                shown.note(&note);
+            }
+        }
         Ok(shown.summary(&outcome, storage.stats(), storage.left_open(), json))
     }
 }

@@ -35,6 +35,11 @@ impl<'a> Shown<'a> {
         }
     }
 
+    /// Something the storage could not do and did without.
+    pub fn note(&self, text: &str) {
+        self.out.warn(text);
+    }
+
     /// Prints how the push ended (and the `--json` object when `json`); the exit status's
     /// outcome.
     pub fn summary(

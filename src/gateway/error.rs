@@ -111,6 +111,9 @@ impl Refusal {
             StorageError::Io { .. } => Refusal::StorageUnavailable,
             // A key or setting the storage cannot use.
             StorageError::Config(_) => Refusal::StorageFailed,
+            // The storage lacks an API the answer needed (every one the gateway uses is
+            // basic S3; HeadBucket's absence is handled in the health check).
+            StorageError::Unsupported { .. } => Refusal::StorageFailed,
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct PushOptions {
     /// Uploads (NARs and narinfos) in flight at once.
     pub jobs: usize,
     pub signing_key: Option<Arc<SecretKey>>,
+    /// Also write `<hash>.ls`, the NAR listing (Nix's `write-nar-listing`).
+    pub write_nar_listing: bool,
 }
 
 /// Progress, for whoever shows it to the user.
@@ -231,8 +233,9 @@ async fn upload_nar<S: Storage>(
     let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let compression = opts.compression;
     let hint = info.nar_size;
+    let listing = opts.write_nar_listing;
     let producer = tokio::task::spawn_blocking(move || {
-        compression::produce(&real, compression, hint, CHUNK, tx)
+        compression::produce_listed(&real, compression, hint, CHUNK, tx, listing)
     });
     let staged = storage.stage(&url, content_type::NAR, hint, rx).await;
     let produced = producer
@@ -258,6 +261,17 @@ async fn upload_nar<S: Storage>(
         });
     }
     staged.commit().await?;
+    // As Nix does: the listing after the NAR, before the narinfo (so a visible narinfo's
+    // listing is there too), uncompressed.
+    if let Some(ls) = produced.listing {
+        storage
+            .put(
+                &layout::listing_key(info.path.hash_part()),
+                content_type::LISTING,
+                Bytes::from(ls),
+            )
+            .await?;
+    }
     let mut ni = NarInfo {
         store_dir: store_dir.clone(),
         store_path: info.path,
@@ -472,6 +486,7 @@ mod tests {
             compression: Compression::None,
             jobs: 2,
             signing_key: Some(Arc::new(SecretKey::generate("sched-1").unwrap())),
+            write_nar_listing: false,
         };
         let report = execute(&store, storage.clone(), plan, &opts, &|_| {}).await;
         assert_eq!(report.pushed, 1, "{:?}", report.failed);

@@ -53,6 +53,14 @@ pub enum StorageError {
         key: String,
         message: String,
     },
+    /// The server does not implement this API (HTTP 501, `NotImplemented`): for an API
+    /// that is only a check or an optimisation, the caller does without it.
+    #[error("{op} {key}: the server does not support this request ({message})")]
+    Unsupported {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
     #[error("{0}")]
     Config(String),
 }
@@ -212,6 +220,12 @@ pub trait Storage: Send + Sync + 'static {
     /// Uploads this process started that are still open (their abort failed too).
     fn left_open(&self) -> usize {
         0
+    }
+
+    /// Optional features the backend found missing and did without (conditional writes,
+    /// say), each once, for the user to hear about.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 

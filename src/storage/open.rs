@@ -308,6 +308,10 @@ impl Storage for AnyStorage {
     fn left_open(&self) -> usize {
         each!(self, s => s.left_open())
     }
+
+    fn notes(&self) -> Vec<String> {
+        each!(self, s => s.notes())
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@ pub enum Fault {
     StallThenDrop(Duration),
     /// Forward, then send only half of the response body and close.
     Truncate,
+    /// As `Status`, but only for requests carrying this header (e.g. `if-none-match`: a
+    /// server without conditional writes); others are forwarded.
+    StatusIfHeader(&'static str, u16, &'static str),
 }
 
 #[derive(Clone, Debug)]
@@ -199,7 +202,13 @@ async fn handle(
         .path_and_query()
         .map_or("/".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().clone();
-    let fault = take_fault(&rules, method.as_str(), &target);
+    let fault = match take_fault(&rules, method.as_str(), &target) {
+        Some(Fault::StatusIfHeader(h, status, code)) => req
+            .headers()
+            .contains_key(h)
+            .then_some(Fault::Status(status, code, None)),
+        other => other,
+    };
     if fault.is_some() {
         injected.fetch_add(1, Ordering::SeqCst);
     }

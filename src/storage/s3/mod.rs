@@ -55,6 +55,8 @@ struct Inner {
     /// Multipart uploads started and not yet completed or aborted: upload id → key.
     open: Mutex<HashMap<String, String>>,
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
+    /// What the server could not do that we did without (each said once).
+    notes: Mutex<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -131,6 +133,7 @@ impl S3Bucket {
                 parts,
                 counts: RequestCounters::default(),
                 open: Mutex::new(HashMap::new()),
+                notes: Mutex::new(Vec::new()),
                 credentials: sdk.credentials_provider(),
             }),
         })
@@ -197,6 +200,15 @@ impl Inner {
         }
     }
 
+    /// Remembers something the server could not do, once.
+    fn note(&self, text: String) {
+        if let Ok(mut n) = self.notes.lock()
+            && !n.contains(&text)
+        {
+            n.push(text);
+        }
+    }
+
     fn object_key(&self, key: &str) -> String {
         if self.cfg.prefix.is_empty() {
             key.to_owned()
@@ -234,11 +246,18 @@ impl Storage for S3Bucket {
                     .key(&obj)
                     .send()
             })
-            .await?;
+            .await;
         match res {
-            Ok(o) => Ok(Some(o.content_length().unwrap_or(0).max(0) as u64)),
-            Err(c) if c.not_found => Ok(None),
-            Err(c) => Err(to_error("HEAD", key, c)),
+            Ok(Ok(o)) => Ok(Some(o.content_length().unwrap_or(0).max(0) as u64)),
+            Ok(Err(c)) if c.not_found => Ok(None),
+            Ok(Err(c)) => Err(to_error("HEAD", key, c)),
+            // A HEAD's 403 has no body, so no error code: unknown key, wrong secret and a
+            // missing permission all read "HTTP 403". One ranged GET of the same object
+            // (the same permission) brings the server's code, so the user hears which.
+            Err(StorageError::Denied { message, .. }) if message == "HTTP 403" => {
+                Err(self.explain_denied_head(key).await)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -260,7 +279,18 @@ impl Storage for S3Bucket {
         if self.head(key).await?.is_some() {
             return Ok(false);
         }
-        self.inner.put_bytes(key, ct, body, true).await
+        match self.inner.put_bytes(key, ct, body.clone(), true).await {
+            // A server without conditional writes: the HEAD above already found nothing
+            // there, which is as good as it gets without them (two pushes creating the
+            // same new cache at once both write the same nix-cache-info).
+            Err(StorageError::Unsupported { message, .. }) => {
+                self.inner.note(format!(
+                    "the server does not support conditional writes (If-None-Match: {message}); {key} was created after a HEAD found none instead"
+                ));
+                self.inner.put_bytes(key, ct, body, false).await
+            }
+            other => other,
+        }
     }
 
     async fn stage(
@@ -350,9 +380,7 @@ impl Storage for S3Bucket {
     async fn check_health(&self) -> Result<(), StorageError> {
         match self.check_bucket().await {
             // A server without HeadBucket: an object HEAD at least proves it answers.
-            Err(StorageError::Remote { ref message, .. })
-                if message.contains("HTTP 501") || message.contains("NotImplemented") =>
-            {
+            Err(StorageError::Unsupported { .. }) => {
                 self.head(layout::CACHE_INFO).await.map(|_| ())
             }
             other => other,
@@ -409,6 +437,13 @@ impl Storage for S3Bucket {
 
     fn left_open(&self) -> usize {
         self.inner.open.lock().map_or(0, |m| m.len())
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.inner
+            .notes
+            .lock()
+            .map_or_else(|_| Vec::new(), |n| n.clone())
     }
 
     async fn list_top_page(

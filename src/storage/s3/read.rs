@@ -62,6 +62,31 @@ impl S3Bucket {
         }
     }
 
+    /// The error a denied HEAD of `key` stands for, with the code a GET's body names.
+    pub(super) async fn explain_denied_head(&self, key: &str) -> StorageError {
+        let i = &self.inner;
+        let obj = i.object_key(key);
+        i.counts.sent(RequestKind::Get);
+        let res = i
+            .client
+            .get_object()
+            .bucket(&i.cfg.bucket)
+            .key(&obj)
+            .range("bytes=0-0")
+            .send()
+            .await;
+        match res {
+            Err(e) => to_error("HEAD", key, classify(&e)),
+            // Allowed after all (a policy that treats HEAD apart): say what HEAD said.
+            Ok(_) => StorageError::Denied {
+                op: "HEAD",
+                key: key.to_owned(),
+                message: "HTTP 403 (GET of the same object is allowed: check the bucket policy)"
+                    .into(),
+            },
+        }
+    }
+
     /// Whether the bucket itself exists and answers (`HeadBucket`). An object HEAD cannot
     /// tell: its 404 carries no error code, so a missing bucket looks like a missing key.
     pub async fn check_bucket(&self) -> Result<(), StorageError> {

@@ -24,6 +24,8 @@ pub(super) struct Classified {
     /// 404 `NoSuchUpload`: the multipart upload is gone (completed or aborted already).
     pub(super) no_such_upload: bool,
     pub(super) precondition: bool,
+    /// 501 or `NotImplemented`: the server lacks this (optional) API.
+    pub(super) unsupported: bool,
     /// No answer at all: the endpoint is unreachable or timed out.
     pub(super) unreachable: bool,
     pub(super) timeout: bool,
@@ -43,6 +45,7 @@ where
         not_found: false,
         no_such_upload: false,
         precondition: false,
+        unsupported: false,
         unreachable: false,
         timeout: false,
         status: None,
@@ -61,7 +64,7 @@ where
             // neither the network nor worth retrying, and the user must hear what it is.
             if chain.contains("provided credentials") || chain.contains("loading credentials") {
                 c.denied = true;
-                c.message = "no AWS credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or give the job a role (CI web identity, instance profile)".into();
+                c.message = "no AWS credentials were found (looked in: the AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY variables, the profile in ~/.aws/credentials and ~/.aws/config, web identity (AWS_WEB_IDENTITY_TOKEN_FILE), the container and instance metadata unless AWS_EC2_METADATA_DISABLED=true): set the variables, or AWS_PROFILE, or give the job a role".into();
                 return c;
             }
             c.transient = d.is_io() || d.is_timeout() || d.is_other();
@@ -103,6 +106,7 @@ where
             c.not_found = status == 404 && matches!(code, "" | "NoSuchKey" | "NotFound");
             c.no_such_upload = status == 404 && code == "NoSuchUpload";
             c.precondition = status == 412;
+            c.unsupported = status == 501 || code == "NotImplemented";
             let msg = se.err().message().unwrap_or("");
             c.message = if code.is_empty() {
                 format!("HTTP {status}")
@@ -131,6 +135,25 @@ where
                 c.message
                     .push_str(" (the system clock is off; fix it with NTP)");
             }
+            if code == "InvalidAccessKeyId" {
+                c.message.push_str(" (this server does not know the access key ID: check AWS_ACCESS_KEY_ID or the profile, and that the endpoint is the one the key was made for)");
+            }
+            if code == "SignatureDoesNotMatch" {
+                c.message.push_str(" (the secret key does not belong to this access key ID: check AWS_SECRET_ACCESS_KEY or the profile)");
+            }
+            // AWS names the bucket's region when a request went to the wrong one (301
+            // PermanentRedirect, 400 AuthorizationHeaderMalformed, a HEAD's bare 301/400).
+            if let Some(region) = raw
+                .headers()
+                .get("x-amz-bucket-region")
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                && matches!(status, 301 | 307 | 400 | 403)
+            {
+                c.message.push_str(&format!(
+                    " (the bucket is in region {region}: put region={region} in the URL, or --region {region})"
+                ));
+            }
         }
         _ => c.message = crate::error_chain(err),
     }
@@ -151,7 +174,13 @@ pub(super) fn clock_skew(date: Option<&str>) -> Option<Duration> {
 }
 
 pub(super) fn to_error(op: &'static str, key: &str, c: Classified) -> StorageError {
-    if c.unreachable {
+    if c.unsupported {
+        StorageError::Unsupported {
+            op,
+            key: key.to_owned(),
+            message: c.message,
+        }
+    } else if c.unreachable {
         StorageError::Unavailable {
             op,
             key: key.to_owned(),
@@ -159,10 +188,28 @@ pub(super) fn to_error(op: &'static str, key: &str, c: Classified) -> StorageErr
             timeout: c.timeout,
         }
     } else if c.denied {
+        let mut message = c.message;
+        // The key works (it was not refused as unknown or mis-signed) but may not do this:
+        // name the permission when the operation writes.
+        if message.contains("AccessDenied")
+            && matches!(
+                op,
+                "PUT"
+                    | "DELETE"
+                    | "CreateMultipartUpload"
+                    | "UploadPart"
+                    | "CompleteMultipartUpload"
+                    | "AbortMultipartUpload"
+            )
+        {
+            message.push_str(
+                "; these credentials may not write to this bucket (they need s3:PutObject, and s3:AbortMultipartUpload)",
+            );
+        }
         StorageError::Denied {
             op,
             key: key.to_owned(),
-            message: c.message,
+            message,
         }
     } else {
         StorageError::Remote {
@@ -323,12 +370,59 @@ mod tests {
         assert!(c.precondition && !c.transient);
         // A server without an optional API: a definite answer, not an outage to retry.
         let c = answer(501, "NotImplemented", &[]);
-        assert!(!c.transient && !c.not_found && !c.denied);
+        assert!(!c.transient && !c.not_found && !c.denied && c.unsupported);
         assert!(
             c.message.contains("HTTP 501 NotImplemented"),
             "{}",
             c.message
         );
+        assert!(matches!(
+            to_error("ListMultipartUploads", "", c),
+            StorageError::Unsupported { .. }
+        ));
+        // Some servers say NotImplemented with another status.
+        let c = answer(400, "NotImplemented", &[]);
+        assert!(c.unsupported && !c.transient);
+    }
+
+    #[test]
+    fn refused_credentials_wrong_regions_and_write_denials_are_named() {
+        let c = answer(403, "InvalidAccessKeyId", &[]);
+        assert!(c.denied && !c.transient);
+        assert!(
+            c.message.contains("does not know the access key ID"),
+            "{}",
+            c.message
+        );
+        let c = answer(403, "SignatureDoesNotMatch", &[]);
+        assert!(c.denied && !c.transient);
+        assert!(c.message.contains("AWS_SECRET_ACCESS_KEY"), "{}", c.message);
+        for (status, code) in [
+            (301, "PermanentRedirect"),
+            (400, "AuthorizationHeaderMalformed"),
+            (301, ""),
+        ] {
+            let c = answer(status, code, &[("x-amz-bucket-region", "eu-west-1")]);
+            assert!(!c.transient, "{status} {code}");
+            assert!(
+                c.message.contains("region eu-west-1") && c.message.contains("region=eu-west-1"),
+                "{status} {code}: {}",
+                c.message
+            );
+        }
+        // Without the header nothing is guessed.
+        assert!(
+            !answer(400, "InvalidRequest", &[])
+                .message
+                .contains("region")
+        );
+        let e = to_error("PUT", "x.narinfo", answer(403, "AccessDenied", &[]));
+        assert!(
+            matches!(&e, StorageError::Denied { .. }) && e.to_string().contains("s3:PutObject"),
+            "{e}"
+        );
+        let e = to_error("GET", "x.narinfo", answer(403, "AccessDenied", &[]));
+        assert!(!e.to_string().contains("s3:PutObject"), "{e}");
     }
 
     #[test]
