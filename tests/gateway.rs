@@ -1450,3 +1450,66 @@ fn gateway_settings_precedence_flag_env_file() {
     assert_eq!(priority(true, false), "12");
     assert_eq!(priority(false, false), "11");
 }
+
+/// Revalidation: narinfo and nix-cache-info answers carry an ETag; `If-None-Match` with it
+/// is 304 without a bucket request while the answer is cached, and a changed object gets a
+/// new tag. Realisations and debug-info objects are served when present, 404 when not.
+#[test]
+fn etags_revalidate_without_the_bucket_and_realisations_are_served() {
+    let s3 = S3::seaweedfs();
+    let bucket = s3.new_bucket("etag");
+    let top = shared_top();
+    push(&s3, &bucket, None, top);
+    let gw = gateway(&s3, &bucket, &["--negative-ttl", "0"]);
+    let path = format!("/{}.narinfo", hash_of(top));
+    for p in [path.as_str(), "/nix-cache-info"] {
+        let first = get(gw.addr, p);
+        assert_eq!(first.status, 200, "{p}");
+        let tag = first.header("etag").expect("no ETag").to_owned();
+        assert!(tag.starts_with('"') && tag.ends_with('"'), "{tag}");
+        let before = gw.bucket_requests();
+        let again = request(gw.addr, "GET", p, &[("If-None-Match", &tag)]);
+        assert_eq!(again.status, 304, "{p}");
+        assert!(again.body.is_empty());
+        assert_eq!(again.header("etag"), Some(tag.as_str()));
+        assert_eq!(gw.bucket_requests(), before, "{p}: a 304 asked the bucket");
+        let other = request(gw.addr, "GET", p, &[("If-None-Match", "\"nope\"")]);
+        assert_eq!(other.status, 200, "{p}");
+        assert_eq!(other.body, first.body);
+        let any = request(
+            gw.addr,
+            "GET",
+            p,
+            &[("If-None-Match", &format!("W/\"x\", {tag}"))],
+        );
+        assert_eq!(any.status, 304, "{p}: a tag in a list");
+    }
+    // A changed narinfo (after the cache's TTL) gets another tag.
+    let gw2 = gateway(&s3, &bucket, &["--narinfo-ttl", "0"]);
+    let old = get(gw2.addr, &path).header("etag").unwrap().to_owned();
+    let key = format!("{}.narinfo", hash_of(top));
+    let text = String::from_utf8(s3.get(&bucket, &key)).unwrap();
+    s3.put(&bucket, &key, format!("{text}X-Changed: 1\n").as_bytes());
+    let new = get(gw2.addr, &path);
+    assert_ne!(new.header("etag"), Some(old.as_str()));
+    assert_eq!(
+        request(gw2.addr, "GET", &path, &[("If-None-Match", &old)]).status,
+        200
+    );
+
+    let id = format!("sha256:{}!out", "ab".repeat(32));
+    let doi = format!("realisations/{id}.doi");
+    assert_eq!(get(gw.addr, &format!("/{doi}")).status, 404);
+    s3.put(&bucket, &doi, br#"{"id":"x"}"#);
+    let r = get(gw.addr, &format!("/{doi}"));
+    assert_eq!((r.status, r.text().as_str()), (200, r#"{"id":"x"}"#));
+    let dbg = "debuginfo/8a2c1f9e0b7d6c5a4f3e2d1c0b9a8f7e6d5c4b3a";
+    assert_eq!(get(gw.addr, &format!("/{dbg}")).status, 404);
+    s3.put(
+        &bucket,
+        dbg,
+        br#"{"archive":"../nar/x.nar.xz","member":"lib/debug/x"}"#,
+    );
+    assert_eq!(get(gw.addr, &format!("/{dbg}")).status, 200);
+    assert_eq!(get(gw.addr, "/realisations/sha256:zz!out.doi").status, 400);
+}

@@ -5,7 +5,8 @@
 //! - `nix-cache-info` at the top;
 //! - `<hash>.narinfo` at the top, one per store path (`<hash>` is the store path's hash part);
 //! - `nar/<filehash or narhash>.nar[.zst|.xz]`, named by hash so the bytes never change;
-//! - `<hash>.ls` (NAR listings) and `log/<drv name>` (build logs), which Nix also writes.
+//! - `<hash>.ls` (NAR listings) and `log/<drv name>` (build logs), which Nix also writes;
+//! - `realisations/<id>.doi` and `debuginfo/<build id>`, which some Nix setups write.
 
 use crate::format::{Sha256, StorePath};
 
@@ -47,6 +48,17 @@ pub fn listing_key(hash_part: &str) -> String {
 /// The build log of a derivation (`name` is the `.drv` file's base name).
 pub fn log_key(drv_name: &str) -> String {
     format!("log/{drv_name}")
+}
+
+/// The realisation of a content-addressed derivation's output (`id` is
+/// `sha256:<hex>!<output>`).
+pub fn realisation_key(id: &str) -> String {
+    format!("realisations/{id}.doi")
+}
+
+/// The debug-info index entry of an ELF build id (Nix's `index-debug-info`).
+pub fn debuginfo_key(build_id: &str) -> String {
+    format!("debuginfo/{build_id}")
 }
 
 /// Content types as Nix's own binary-cache stores set them.

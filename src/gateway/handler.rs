@@ -106,10 +106,12 @@ impl<S: Storage> State<S> {
                 Some(k) => ok(format!("{k}\n"), "text/plain; charset=utf-8"),
                 None => Refusal::NoSigningKey.into(),
             },
-            Route::CacheInfo => self.cache_info(&route).await,
-            Route::NarInfo(_) => self.narinfo(&route).await,
+            Route::CacheInfo => self.cache_info(&route, req).await,
+            Route::NarInfo(_) => self.narinfo(&route, req).await,
             Route::Nar(_) => self.nar(&route, req, head).await,
-            Route::Listing(_) | Route::Log(_) => self.proxy(&route, req, head).await,
+            Route::Listing(_) | Route::Log(_) | Route::Realisation(_) | Route::DebugInfo(_) => {
+                self.proxy(&route, req, head).await
+            }
         };
         (resp, label)
     }

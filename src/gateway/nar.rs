@@ -104,7 +104,9 @@ impl<S: Storage> State<S> {
             .header(header::ACCEPT_RANGES, "bytes");
         let ct = match route {
             Route::Nar(_) => content_type::NAR,
-            Route::Listing(_) => content_type::LISTING,
+            Route::Listing(_) | Route::Realisation(_) | Route::DebugInfo(_) => {
+                content_type::LISTING
+            }
             _ => content_type::LOG,
         };
         builder = builder.header(header::CONTENT_TYPE, ct);

@@ -1,16 +1,19 @@
 //! `GET /nix-cache-info` and `GET /<hash>.narinfo`: small objects, from a bounded TTL
 //! cache or the storage, narinfos countersigned by the gateway's key when its policy
-//! allows ([`super::sign`]).
+//! allows ([`super::sign`]). Both carry an `ETag` (the hash of the bytes served), and a
+//! matching `If-None-Match` is answered 304 from the cache without asking the storage.
 
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::Response;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use sha2::Digest;
 
 use super::cache::Cached;
 use super::error::Refusal;
 use super::handler::{MAX_SMALL_OBJECT, State};
-use super::response::{Body, log, ok};
+use super::response::{Body, empty, log, ok};
 use super::route::Route;
 use super::sign::Countersigned;
 use crate::format::layout::{self, content_type};
@@ -64,7 +67,45 @@ impl<S: Storage> State<S> {
         }
     }
 
-    pub(super) async fn cache_info(&self, route: &Route) -> Response<Body> {
+    /// 200 with `body` and its `ETag`, or 304 when the client's `If-None-Match` names that
+    /// tag (RFC 9110 §13.1.2: weak comparison, `*` matches). The tag is the body's hash,
+    /// so it changes exactly when the bytes do, across restarts and replicas.
+    fn revalidated(
+        &self,
+        req: &Request<Incoming>,
+        body: Bytes,
+        content_type: &'static str,
+        directives: &str,
+    ) -> Response<Body> {
+        let digest = sha2::Sha256::digest(&body);
+        let tag = format!("\"{}\"", hex(&digest[..16]));
+        let matches = req
+            .headers()
+            .get_all(header::IF_NONE_MATCH)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().trim_start_matches("W/"))
+            .any(|t| t == "*" || t == tag);
+        let mut r = if matches {
+            let mut r = Response::new(empty());
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r
+        } else {
+            ok(body, content_type)
+        };
+        if let Ok(v) = HeaderValue::from_str(&tag) {
+            r.headers_mut().insert(header::ETAG, v);
+        }
+        self.cacheable(&mut r, directives);
+        r
+    }
+
+    pub(super) async fn cache_info(
+        &self,
+        route: &Route,
+        req: &Request<Incoming>,
+    ) -> Response<Body> {
         let body = match self.small_object(route, layout::CACHE_INFO).await {
             Ok(Some(b)) => b,
             // A cache filled by a tool that writes no nix-cache-info still works.
@@ -74,19 +115,13 @@ impl<S: Storage> State<S> {
             )),
             Err(r) => return r.into(),
         };
-        let mut r = ok(body, content_type::CACHE_INFO);
-        self.cacheable(&mut r, "max-age=3600");
-        r
+        self.revalidated(req, body, content_type::CACHE_INFO, "max-age=3600")
     }
 
-    pub(super) async fn narinfo(&self, route: &Route) -> Response<Body> {
+    pub(super) async fn narinfo(&self, route: &Route, req: &Request<Incoming>) -> Response<Body> {
         let key = route.object_key().unwrap_or_default();
         match self.small_object(route, &key).await {
-            Ok(Some(b)) => {
-                let mut r = ok(b, content_type::NARINFO);
-                self.cacheable(&mut r, "max-age=60");
-                r
-            }
+            Ok(Some(b)) => self.revalidated(req, b, content_type::NARINFO, "max-age=60"),
             Ok(None) => {
                 // Remembered by clients and CDNs for as long as a hit: a path pushed a
                 // minute later is found a minute later.
@@ -97,4 +132,8 @@ impl<S: Storage> State<S> {
             Err(r) => r.into(),
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

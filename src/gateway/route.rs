@@ -21,6 +21,10 @@ pub enum Route {
     Listing(String),
     /// `/log/<drv base name>`
     Log(String),
+    /// `/realisations/sha256:<hex>!<output>.doi` (content-addressed derivations): the id.
+    Realisation(String),
+    /// `/debuginfo/<build id>` (Nix's `index-debug-info`): the build id.
+    DebugInfo(String),
     PublicKey,
     Version,
     Healthz,
@@ -46,6 +50,8 @@ impl Route {
             Route::Nar(_) => "nar",
             Route::Listing(_) => "ls",
             Route::Log(_) => "log",
+            Route::Realisation(_) => "realisation",
+            Route::DebugInfo(_) => "debuginfo",
             Route::PublicKey => "public-key",
             Route::Version => "version",
             Route::Healthz => "healthz",
@@ -58,10 +64,12 @@ impl Route {
         match self {
             Route::CacheInfo => Some(layout::CACHE_INFO.into()),
             Route::NarInfo(h) => Some(layout::narinfo_key(h)),
-            Route::Nar(f) => Some(format!("nar/{f}")),
-            Route::Listing(h) => Some(format!("{h}.ls")),
-            Route::Log(d) => Some(format!("log/{d}")),
-            _ => None,
+            Route::Nar(f) => Some(format!("{}{f}", layout::NAR_DIR)),
+            Route::Listing(h) => Some(layout::listing_key(h)),
+            Route::Log(d) => Some(layout::log_key(d)),
+            Route::Realisation(id) => Some(layout::realisation_key(id)),
+            Route::DebugInfo(id) => Some(layout::debuginfo_key(id)),
+            Route::PublicKey | Route::Version | Route::Healthz | Route::Metrics => None,
         }
     }
 
@@ -97,6 +105,10 @@ impl Route {
             ["v1", "version"] => Ok(Route::Version),
             ["nar", file] => parse_nar_file(file).map(|f| Route::Nar(f.to_owned())),
             ["log", drv] => parse_drv(drv).map(|d| Route::Log(d.to_owned())),
+            ["realisations", file] => {
+                parse_realisation(file).map(|r| Route::Realisation(r.to_owned()))
+            }
+            ["debuginfo", id] => parse_build_id(id).map(|i| Route::DebugInfo(i.to_owned())),
             [one] => {
                 if let Some(hash) = one.strip_suffix(".narinfo") {
                     check_hash(hash).map(|h| Route::NarInfo(h.to_owned()))
@@ -141,6 +153,45 @@ fn parse_nar_file(f: &str) -> Result<&str, Reject> {
     }
 }
 
+/// `sha256:<64 hex>!<output name>.doi`, as Nix names a realisation; returns the id (the
+/// name without `.doi`).
+fn parse_realisation(f: &str) -> Result<&str, Reject> {
+    let bad = Reject::BadRequest("not a realisation's name");
+    let id = f.strip_suffix(".doi").ok_or(bad)?;
+    let (hash, output) = id.split_once('!').ok_or(bad)?;
+    let hex = hash.strip_prefix("sha256:").ok_or(bad)?;
+    let hex_ok = hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    // Output names are derivation attribute names: letters, digits and a few marks.
+    let output_ok = !output.is_empty()
+        && output.len() <= 64
+        && output
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
+        && !output.starts_with('.');
+    if hex_ok && output_ok {
+        Ok(id)
+    } else {
+        Err(bad)
+    }
+}
+
+/// A build id in lower-case hex (20 bytes for GNU's, but any even length up to 64 bytes).
+fn parse_build_id(id: &str) -> Result<&str, Reject> {
+    if (2..=128).contains(&id.len())
+        && id.len() % 2 == 0
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(id)
+    } else {
+        Err(Reject::BadRequest("not a build id"))
+    }
+}
+
 fn parse_drv(d: &str) -> Result<&str, Reject> {
     if d.ends_with(".drv") && StorePath::from_base_name(d).is_ok() {
         Ok(d)
@@ -182,6 +233,49 @@ mod tests {
         );
         assert_eq!(Route::parse("/v1/public-key"), Ok(Route::PublicKey));
         assert_eq!(Route::parse("/healthz?x=1"), Ok(Route::Healthz));
+        let id = format!("sha256:{}!out", "ab".repeat(32));
+        assert_eq!(
+            Route::parse(&format!("/realisations/{id}.doi")),
+            Ok(Route::Realisation(id.clone()))
+        );
+        assert_eq!(
+            Route::parse(&format!("/realisations/{id}.doi"))
+                .unwrap()
+                .object_key(),
+            Some(format!("realisations/{id}.doi"))
+        );
+        let build_id = "8a2c1f9e0b7d6c5a4f3e2d1c0b9a8f7e6d5c4b3a";
+        assert_eq!(
+            Route::parse(&format!("/debuginfo/{build_id}")),
+            Ok(Route::DebugInfo(build_id.into()))
+        );
+    }
+
+    #[test]
+    fn realisations_and_debuginfo_are_as_strict_as_the_rest() {
+        let hex = "ab".repeat(32);
+        for bad in [
+            format!("/realisations/sha256:{hex}!out"),
+            format!("/realisations/sha256:{hex}.doi"),
+            format!("/realisations/sha256:{}!out.doi", &hex[1..]),
+            format!("/realisations/sha256:{}!out.doi", hex.to_uppercase()),
+            format!("/realisations/md5:{hex}!out.doi"),
+            format!("/realisations/sha256:{hex}!.doi"),
+            format!("/realisations/sha256:{hex}!..doi"),
+            format!("/realisations/sha256:{hex}!a/b.doi"),
+            "/debuginfo/abc".into(),
+            "/debuginfo/XYZ0".into(),
+            format!("/debuginfo/{}", "a".repeat(130)),
+        ] {
+            assert!(
+                matches!(
+                    Route::parse(&bad),
+                    Err(Reject::BadRequest(_) | Reject::NotFound)
+                ),
+                "{bad}: {:?}",
+                Route::parse(&bad)
+            );
+        }
     }
 
     #[test]
