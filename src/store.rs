@@ -181,6 +181,35 @@ impl LocalStore {
         Ok(valid)
     }
 
+    /// The build log of derivation `drv` as Nix keeps it (`nix-store --read-log`, which
+    /// also undoes its compression), or `None` when the store has none. Substituters are
+    /// not asked: a log that is not local is not ours to publish.
+    pub async fn read_log(&self, drv: &StorePath) -> Result<Option<Vec<u8>>, StoreError> {
+        let program = "nix-store";
+        let out = Command::new(program)
+            .args(["--read-log", "--option", "substituters", ""])
+            .arg(self.store_dir.display(drv))
+            .env_remove("CACHEPUSH_SIGNING_KEY")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|source| StoreError::Spawn {
+                program: program.into(),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(Some(out.stdout));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("not available") {
+            return Ok(None);
+        }
+        Err(StoreError::NixFailed {
+            status: out.status.to_string(),
+            stderr: stderr.trim().to_owned(),
+        })
+    }
+
     async fn valid_of_batch(&self, candidates: &[StorePath]) -> Result<Vec<StorePath>, StoreError> {
         let program = "nix-store";
         let out = Command::new(program)

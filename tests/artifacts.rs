@@ -95,3 +95,104 @@ fn nar_listings_in_a_bucket_are_labelled_and_served() {
     assert_eq!(v["version"], 1);
     assert_eq!(v["root"]["type"], "directory");
 }
+
+/// A derivation that writes to its build log, built with a fresh salt.
+fn logged_build(tmp: &Path, salt: &str) -> (String, String) {
+    let expr = tmp.join("logged.nix");
+    std::fs::write(
+        &expr,
+        r#"{ salt }: derivation {
+  name = "logged";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/usr/bin:/bin";
+  inherit salt;
+  args = [ "-c" "echo building with salt $salt; echo 'a line on stderr' >&2; printf 'ünïcödé ✓\n'; echo $salt > $out" ];
+}"#,
+    )
+    .unwrap();
+    require("nix-build");
+    let out = run_ok(
+        std::process::Command::new("nix-build")
+            .arg(&expr)
+            .args(["--no-out-link", "--argstr", "salt", salt])
+            .args(["--option", "substituters", ""]),
+    );
+    let path = stdout(&out);
+    let drv = stdout(&run_ok(std::process::Command::new("nix-store").args([
+        "-q",
+        "--deriver",
+        &path,
+    ])));
+    (path, drv)
+}
+
+/// `--logs` uploads `log/<drv>` byte for byte as `nix store copy-log --to` writes it, and
+/// the real `nix log` reads it back through the gateway (from a store that has no log).
+#[test]
+fn build_logs_equal_nix_store_copy_log_and_nix_log_reads_them_through_the_gateway() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (path, drv) = logged_build(tmp.path(), &unique("logs"));
+    let drv_name = Path::new(&drv)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let by_nix = tmp.path().join("nix");
+    run_ok(
+        nix()
+            .args(["store", "copy-log", "--to"])
+            .arg(format!("file://{}", by_nix.display()))
+            .arg(&drv),
+    );
+    let want = std::fs::read(by_nix.join("log").join(&drv_name)).unwrap();
+    assert!(
+        String::from_utf8_lossy(&want).contains("building with salt"),
+        "{}",
+        String::from_utf8_lossy(&want)
+    );
+
+    let ours = tmp.path().join("ours");
+    let url = format!("file://{}", ours.display());
+    let o = run_ok(copy_cmd(&url, None, None, &["--logs", "--json"]).arg(&path));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["logs"], 1, "{v}");
+    let got = std::fs::read(ours.join("log").join(&drv_name)).unwrap();
+    assert_eq!(got, want);
+    // Without --logs, none (the twin).
+    let plain = tmp.path().join("plain");
+    run_ok(copy_cmd(&format!("file://{}", plain.display()), None, None, &["-q"]).arg(&path));
+    assert!(!plain.join("log").join(&drv_name).exists());
+
+    // `nix log` with the local log gone (this test's own derivation; Nix keeps logs under
+    // its log directory as drvs/<2 chars>/<rest>[.bz2]) finds it through the gateway.
+    let gw = common::http::Gateway::start(gateway_from(&url, None, &[]));
+    let r = common::http::get(gw.addr, &format!("/log/{drv_name}"));
+    assert_eq!((r.status, r.body.clone()), (200, want.clone()));
+    let log_dir = std::env::var("NIX_LOG_DIR").unwrap_or_else(|_| "/nix/var/log/nix".into());
+    let local = Path::new(&log_dir)
+        .join("drvs")
+        .join(&drv_name[..2])
+        .join(&drv_name[2..]);
+    let mut removed = 0;
+    for p in [local.clone(), local.with_extension("drv.bz2")] {
+        if std::fs::remove_file(&p).is_ok() {
+            removed += 1;
+        }
+    }
+    assert_eq!(removed, 1, "no local log at {}", local.display());
+    let o = nix()
+        .args(["log", "--option", "substituters", &gw.url()])
+        .arg(&drv)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", stderr_of(&o), gw.log_text());
+    assert_eq!(o.stdout, want);
+    assert_eq!(
+        gw.log_text().matches(&format!("GET /log/{drv_name} 200")).count(),
+        2,
+        "nix log did not ask the gateway: {}",
+        gw.log_text()
+    );
+}

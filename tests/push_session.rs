@@ -169,6 +169,7 @@ fn session(
             jobs: 4,
             signing_key: None,
             write_nar_listing: false,
+            logs: false,
         },
         PlanOptions::default(),
     );

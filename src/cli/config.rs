@@ -33,6 +33,7 @@ pub struct FileSettings {
     pub part_size: Option<u32>,
     pub queue_dir: Option<PathBuf>,
     pub write_nar_listing: Option<bool>,
+    pub logs: Option<bool>,
 }
 
 impl FileSettings {
@@ -63,6 +64,7 @@ impl FileSettings {
             addressing_style: self.addressing_style.or(other.addressing_style),
             part_size: self.part_size.or(other.part_size),
             write_nar_listing: self.write_nar_listing.or(other.write_nar_listing),
+            logs: self.logs.or(other.logs),
             queue_dir: self.queue_dir.or(other.queue_dir),
         }
     }

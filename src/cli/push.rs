@@ -133,6 +133,11 @@ pub struct Settings {
     #[arg(long, env = "CACHEPUSH_WRITE_NAR_LISTING",
           value_parser = clap::builder::BoolishValueParser::new())]
     write_nar_listing: bool,
+    /// Also upload the build log of each pushed path's derivation (`log/<drv>`, as
+    /// `nix store copy-log --to` writes it; `nix log` reads it from the cache).
+    #[arg(long, env = "CACHEPUSH_LOGS",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    logs: bool,
     /// More output (each path as it is published).
     #[arg(short, long, conflicts_with = "quiet")]
     verbose: bool,
@@ -375,6 +380,7 @@ impl Pusher {
                 compression,
                 jobs,
                 signing_key: key.map(Arc::new),
+                logs: settings.logs || file.logs.unwrap_or(false),
                 write_nar_listing: settings.write_nar_listing
                     || file.write_nar_listing.unwrap_or(false)
                     || target

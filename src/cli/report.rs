@@ -83,6 +83,12 @@ impl<'a> Shown<'a> {
                     failed,
                     report.seconds
                 ));
+                for (drv, e) in &report.log_failures {
+                    out.warn(&format!(
+                        "the build log of {} was not uploaded: {e}",
+                        self.dir.display(drv)
+                    ));
+                }
                 if json {
                     print_json(report, *counts, requests, false);
                 }
@@ -209,6 +215,7 @@ fn print_json(r: &Report, plan: PlanCounts, requests: RequestStats, dry_run: boo
         "skipped": r.skipped,
         "failed": r.failed.len(),
         "failures": failed,
+        "logs": r.logs,
         "nar_bytes": r.nar_bytes,
         "sent_bytes": r.sent_bytes,
         "seconds": r.seconds,

@@ -180,7 +180,16 @@ impl<S: Storage> Session<S> {
             ensure_cache_info(&**storage, &self.store).await?;
         }
         observer.uploading(counts.to_send, counts.nar_bytes_to_send);
-        let report = {
+        // Whose build logs to upload afterwards: each pushed path's derivation, once.
+        let derivers: Vec<(StorePath, StorePath)> = if self.push_opts.logs {
+            plan.to_send
+                .iter()
+                .filter_map(|p| Some((p.deriver.clone()?, p.path.clone())))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut report = {
             let obs = &*observer;
             let on_event = |e: Event<'_>| obs.event(e);
             let exec = execute(
@@ -206,7 +215,48 @@ impl<S: Storage> Session<S> {
         observer.uploaded();
         // A safety net: every failed upload aborted itself, so this normally finds none.
         storage.abort_open_uploads().await;
+        self.upload_logs(derivers, &mut report).await;
         Ok(Outcome::Done { counts, report })
+    }
+}
+
+impl<S: Storage> Session<S> {
+    /// Uploads `log/<drv>` for the derivations of the paths that were published, when
+    /// the local store has their log and the cache does not. A log is an extra: one that
+    /// cannot be read or uploaded is reported, and its path stays published.
+    async fn upload_logs(&self, derivers: Vec<(StorePath, StorePath)>, report: &mut Report) {
+        let failed: std::collections::HashSet<&StorePath> =
+            report.failed.iter().map(|(p, _)| p).collect();
+        let mut drvs: Vec<StorePath> = derivers
+            .into_iter()
+            .filter(|(_, path)| !failed.contains(path))
+            .map(|(drv, _)| drv)
+            .collect();
+        drvs.sort();
+        drvs.dedup();
+        for drv in drvs {
+            let key = layout::log_key(&drv.to_string());
+            let res: Result<bool, String> = async {
+                let text = |e: StorageError| e.to_string();
+                if self.storage.head(&key).await.map_err(text)?.is_some() {
+                    return Ok(false);
+                }
+                let Some(log) = self.store.read_log(&drv).await.map_err(|e| e.to_string())? else {
+                    return Ok(false);
+                };
+                self.storage
+                    .put(&key, content_type::LOG, Bytes::from(log))
+                    .await
+                    .map_err(text)?;
+                Ok(true)
+            }
+            .await;
+            match res {
+                Ok(true) => report.logs += 1,
+                Ok(false) => {}
+                Err(e) => report.log_failures.push((drv, e)),
+            }
+        }
     }
 }
 

@@ -27,6 +27,9 @@ pub struct PushOptions {
     pub signing_key: Option<Arc<SecretKey>>,
     /// Also write `<hash>.ls`, the NAR listing (Nix's `write-nar-listing`).
     pub write_nar_listing: bool,
+    /// Also upload `log/<drv>`, the build log of each pushed path's derivation when the
+    /// local store has it (as `nix store copy-log --to` does).
+    pub logs: bool,
 }
 
 /// Progress, for whoever shows it to the user.
@@ -59,6 +62,10 @@ pub struct Report {
     pub nar_bytes: u64,
     pub sent_bytes: u64,
     pub seconds: f64,
+    /// Build logs uploaded (`--logs`).
+    pub logs: usize,
+    /// Build logs that could not be uploaded, and why (their paths are published).
+    pub log_failures: Vec<(StorePath, String)>,
 }
 
 enum Done {
@@ -487,6 +494,7 @@ mod tests {
             jobs: 2,
             signing_key: Some(Arc::new(SecretKey::generate("sched-1").unwrap())),
             write_nar_listing: false,
+            logs: false,
         };
         let report = execute(&store, storage.clone(), plan, &opts, &|_| {}).await;
         assert_eq!(report.pushed, 1, "{:?}", report.failed);
