@@ -190,9 +190,50 @@ fn build_logs_equal_nix_store_copy_log_and_nix_log_reads_them_through_the_gatewa
     assert!(o.status.success(), "{}\n{}", stderr_of(&o), gw.log_text());
     assert_eq!(o.stdout, want);
     assert_eq!(
-        gw.log_text().matches(&format!("GET /log/{drv_name} 200")).count(),
+        gw.log_text()
+            .matches(&format!("GET /log/{drv_name} 200"))
+            .count(),
         2,
         "nix log did not ask the gateway: {}",
         gw.log_text()
     );
+}
+
+/// `--priority` and `--want-mass-query` (or `priority=` / `want-mass-query=` in the URL, as
+/// Nix spells them) set nix-cache-info on a new cache, and update an existing one only
+/// when it says otherwise, with a warning naming the change.
+#[test]
+fn cache_info_settings_are_written_and_updated_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let url = format!("file://{}", dir.display());
+    let top = shared_top();
+    let info = || std::fs::read_to_string(dir.join("nix-cache-info")).unwrap();
+    let push = |url: &str, extra: &[&str]| {
+        let o = copy_cmd(url, None, None, extra).arg(top).output().unwrap();
+        assert!(o.status.success(), "{}", stderr_of(&o));
+        stderr_of(&o)
+    };
+    push(&url, &["--priority", "30"]);
+    assert!(info().contains("Priority: 30\n"), "{}", info());
+    assert!(info().contains("WantMassQuery: 1\n"), "{}", info());
+    // The same settings, or none: nothing changes, nothing said.
+    for extra in [&["--priority", "30"][..], &[][..]] {
+        let said = push(&url, extra);
+        assert!(!said.contains("nix-cache-info updated"), "{said}");
+        assert!(info().contains("Priority: 30\n"), "{}", info());
+    }
+    let said = push(&url, &["--want-mass-query", "false"]);
+    assert!(said.contains("WantMassQuery 1 -> 0"), "{said}");
+    assert!(info().contains("WantMassQuery: 0\n") && info().contains("Priority: 30\n"));
+    let said = push(&format!("{url}?priority=50"), &[]);
+    assert!(said.contains("Priority 30 -> 50"), "{said}");
+    assert!(info().contains("Priority: 50\n"), "{}", info());
+    let o = copy_cmd(&format!("{url}?priority=high"), None, None, &[])
+        .arg(top)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("priority=high"), "{}", stderr_of(&o));
+    assert!(info().contains("Priority: 50\n"));
 }

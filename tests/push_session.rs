@@ -170,6 +170,8 @@ fn session(
             signing_key: None,
             write_nar_listing: false,
             logs: false,
+            priority: None,
+            want_mass_query: None,
         },
         PlanOptions::default(),
     );

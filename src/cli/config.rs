@@ -34,6 +34,8 @@ pub struct FileSettings {
     pub queue_dir: Option<PathBuf>,
     pub write_nar_listing: Option<bool>,
     pub logs: Option<bool>,
+    pub priority: Option<u32>,
+    pub want_mass_query: Option<bool>,
 }
 
 impl FileSettings {
@@ -65,6 +67,8 @@ impl FileSettings {
             part_size: self.part_size.or(other.part_size),
             write_nar_listing: self.write_nar_listing.or(other.write_nar_listing),
             logs: self.logs.or(other.logs),
+            priority: self.priority.or(other.priority),
+            want_mass_query: self.want_mass_query.or(other.want_mass_query),
             queue_dir: self.queue_dir.or(other.queue_dir),
         }
     }

@@ -138,6 +138,14 @@ pub struct Settings {
     #[arg(long, env = "CACHEPUSH_LOGS",
           value_parser = clap::builder::BoolishValueParser::new())]
     logs: bool,
+    /// `Priority:` in the cache's nix-cache-info (lower is tried first; cache.nixos.org
+    /// is 40): set on a new cache, updated with a warning on one that says otherwise.
+    #[arg(long, value_name = "N", env = "CACHEPUSH_PRIORITY")]
+    priority: Option<u32>,
+    /// `WantMassQuery:` in nix-cache-info (true or false), set and updated as --priority.
+    #[arg(long, value_name = "BOOL", env = "CACHEPUSH_WANT_MASS_QUERY",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    want_mass_query: Option<bool>,
     /// More output (each path as it is published).
     #[arg(short, long, conflicts_with = "quiet")]
     verbose: bool,
@@ -381,6 +389,32 @@ impl Pusher {
                 jobs,
                 signing_key: key.map(Arc::new),
                 logs: settings.logs || file.logs.unwrap_or(false),
+                priority: match settings.priority.or(file.priority) {
+                    Some(p) => Some(p),
+                    None => target
+                        .param("priority")
+                        .map(|p| {
+                            p.parse::<u32>().map_err(|_| {
+                                Failure::input(format!(
+                                    "the cache URL's priority={p} is not a whole number"
+                                ))
+                            })
+                        })
+                        .transpose()?,
+                },
+                want_mass_query: match settings.want_mass_query.or(file.want_mass_query) {
+                    Some(w) => Some(w),
+                    None => target
+                        .param("want-mass-query")
+                        .map(|v| match v {
+                            "true" | "1" => Ok(true),
+                            "false" | "0" => Ok(false),
+                            _ => Err(Failure::input(format!(
+                                "the cache URL's want-mass-query={v} is not true or false"
+                            ))),
+                        })
+                        .transpose()?,
+                },
                 write_nar_listing: settings.write_nar_listing
                     || file.write_nar_listing.unwrap_or(false)
                     || target

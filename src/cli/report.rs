@@ -192,6 +192,10 @@ impl Observer for Shown<'_> {
         }
     }
 
+    fn notice(&mut self, text: &str) {
+        self.out.warn(text);
+    }
+
     fn uploaded(&mut self) {
         self.out.finish_progress();
         self.out.end_group();

@@ -118,6 +118,11 @@ pub trait Observer: Sync {
     }
     /// Uploading stopped (finished or cancelled).
     fn uploaded(&mut self) {}
+    /// Something changed in the cache that the user should hear about (`nix-cache-info`
+    /// settings updated).
+    fn notice(&mut self, text: &str) {
+        let _ = text;
+    }
 }
 
 /// Ignores everything.
@@ -176,8 +181,11 @@ impl<S: Storage> Session<S> {
         if req.dry_run {
             return Ok(Outcome::Planned { counts });
         }
-        if !plan.to_send.is_empty() {
-            ensure_cache_info(&**storage, &self.store).await?;
+        let settings = (self.push_opts.priority, self.push_opts.want_mass_query);
+        if !plan.to_send.is_empty() || settings != (None, None) {
+            if let Some(change) = ensure_cache_info(&**storage, &self.store, settings).await? {
+                observer.notice(&change);
+            }
         }
         observer.uploading(counts.to_send, counts.nar_bytes_to_send);
         // Whose build logs to upload afterwards: each pushed path's derivation, once.
@@ -261,13 +269,18 @@ impl<S: Storage> Session<S> {
 }
 
 /// Creates `nix-cache-info` when missing; refuses a cache made for another store directory.
+/// With `priority` / `want_mass_query` given, updates an existing file that says otherwise
+/// and returns what changed.
 pub async fn ensure_cache_info<S: Storage>(
     storage: &S,
     store: &LocalStore,
-) -> Result<(), PushError> {
+    (priority, want_mass_query): (Option<u32>, Option<bool>),
+) -> Result<Option<String>, PushError> {
+    let defaults = CacheInfo::default();
     let ours = CacheInfo {
         store_dir: store.store_dir().to_string(),
-        ..CacheInfo::default()
+        priority: priority.unwrap_or(defaults.priority),
+        want_mass_query: want_mass_query.unwrap_or(defaults.want_mass_query),
     };
     let write = |source| PushError::Write {
         target: storage.describe(),
@@ -282,7 +295,7 @@ pub async fn ensure_cache_info<S: Storage>(
         .await
         .map_err(write)?;
     if created {
-        return Ok(());
+        return Ok(None);
     }
     let text = storage
         .get(layout::CACHE_INFO)
@@ -302,5 +315,35 @@ pub async fn ensure_cache_info<S: Storage>(
             ours: ours.store_dir,
         });
     }
-    Ok(())
+    let mut wanted = theirs.clone();
+    let mut changes = Vec::new();
+    if let Some(p) = priority.filter(|p| *p != theirs.priority) {
+        changes.push(format!("Priority {} -> {p}", theirs.priority));
+        wanted.priority = p;
+    }
+    if let Some(w) = want_mass_query.filter(|w| *w != theirs.want_mass_query) {
+        let n = |b: bool| if b { 1 } else { 0 };
+        changes.push(format!(
+            "WantMassQuery {} -> {}",
+            n(theirs.want_mass_query),
+            n(w)
+        ));
+        wanted.want_mass_query = w;
+    }
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    storage
+        .put(
+            layout::CACHE_INFO,
+            content_type::CACHE_INFO,
+            Bytes::from(wanted.to_string()),
+        )
+        .await
+        .map_err(write)?;
+    Ok(Some(format!(
+        "{}: nix-cache-info updated ({}); clients see it when their cached copy expires",
+        storage.describe(),
+        changes.join(", ")
+    )))
 }

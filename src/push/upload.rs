@@ -30,6 +30,11 @@ pub struct PushOptions {
     /// Also upload `log/<drv>`, the build log of each pushed path's derivation when the
     /// local store has it (as `nix store copy-log --to` does).
     pub logs: bool,
+    /// `Priority:` and `WantMassQuery:` for `nix-cache-info`: written when the cache has
+    /// none, or updated when it says otherwise; `None` leaves what is there (or Nix's
+    /// defaults, 40 and true, for a new cache).
+    pub priority: Option<u32>,
+    pub want_mass_query: Option<bool>,
 }
 
 /// Progress, for whoever shows it to the user.
@@ -495,6 +500,8 @@ mod tests {
             signing_key: Some(Arc::new(SecretKey::generate("sched-1").unwrap())),
             write_nar_listing: false,
             logs: false,
+            priority: None,
+            want_mass_query: None,
         };
         let report = execute(&store, storage.clone(), plan, &opts, &|_| {}).await;
         assert_eq!(report.pushed, 1, "{:?}", report.failed);
