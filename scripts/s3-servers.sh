@@ -15,6 +15,9 @@ cd "$(dirname "$0")/.."
 
 ACCESS_KEY=AKIDCACHEPUSHTEST
 SECRET_KEY=cachepushTestSecretKeyDoNotUseAnywhere0
+# A second, read-only identity: for the tests of a key that may read but not write.
+READ_ACCESS_KEY=AKIDCACHEPUSHREADER
+READ_SECRET_KEY=cachepushReadOnlyTestSecretDoNotUse0000
 SEAWEED_PORT=${CACHEPUSH_SEAWEED_PORT:-9400}
 RGW_PORT=${CACHEPUSH_RGW_PORT:-9500}
 MON_PORT=${CACHEPUSH_MON_PORT:-3300}
@@ -46,6 +49,8 @@ start_seaweed() {
 {"identities":[
  {"name":"ci","credentials":[{"accessKey":"$ACCESS_KEY","secretKey":"$SECRET_KEY"}],
   "actions":["Admin","Read","List","Tagging","Write"]},
+ {"name":"reader","credentials":[{"accessKey":"$READ_ACCESS_KEY","secretKey":"$READ_SECRET_KEY"}],
+  "actions":["Read","List"]},
  {"name":"anonymous","actions":["Read:public"]}]}
 JSON
   # Every bucket is a SeaweedFS collection with volumes of its own: the test suite makes
@@ -116,6 +121,9 @@ CONF
   wait_http "http://127.0.0.1:$RGW_PORT/" 120 "Ceph RGW" "$d/log/client.rgw.a.log"
   timeout 60 radosgw-admin $c user create --uid=ci --display-name=ci \
     --access-key="$ACCESS_KEY" --secret-key="$SECRET_KEY" >/dev/null
+  # Owns nothing: a test grants it reading one bucket with a bucket policy.
+  timeout 60 radosgw-admin $c user create --uid=reader --display-name=reader \
+    --access-key="$READ_ACCESS_KEY" --secret-key="$READ_SECRET_KEY" >/dev/null
 }
 
 stop_all() {
@@ -145,6 +153,8 @@ case "${1:-}" in
 export CACHEPUSH_TEST_SEAWEEDFS=http://127.0.0.1:$SEAWEED_PORT
 export CACHEPUSH_TEST_ACCESS_KEY=$ACCESS_KEY
 export CACHEPUSH_TEST_SECRET_KEY=$SECRET_KEY
+export CACHEPUSH_TEST_READ_ACCESS_KEY=$READ_ACCESS_KEY
+export CACHEPUSH_TEST_READ_SECRET_KEY=$READ_SECRET_KEY
 ENV
     if [ "$which" = all ]; then
       start_ceph "$dir"

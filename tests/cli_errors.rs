@@ -495,3 +495,43 @@ fn unreachable_caches_and_taken_addresses_exit_3() {
         "{errs:?}"
     );
 }
+
+/// A key that may read but not write: the push names the refused write and the permission
+/// it needs, exits 1 (nothing it could not publish is half there), and writes nothing; on
+/// both servers. The twin, the writing key, publishes.
+#[test]
+fn a_read_only_key_is_told_it_may_not_write() {
+    use common::s3::S3;
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, _) = keygen(tmp.path(), "readonly-1");
+    for s3 in S3::all() {
+        let bucket = s3.new_bucket("readonly");
+        // The cache exists (made by the writing key), so the reader's HEADs and its read
+        // of nix-cache-info work; only its writes are refused.
+        run_ok(copy_cmd(&s3.url(&bucket, ""), Some(&s3), Some(&sk), &["-q"]).arg(shared_top()));
+        s3.grant_reader(&bucket);
+        let before = s3.keys(&bucket, "");
+        let path = build("dep", &unique("readonly"));
+        let mut c = copy_cmd(&s3.url(&bucket, ""), None, Some(&sk), &[]);
+        s3.reader_creds(&mut c);
+        let o = c.arg(&path).output().unwrap();
+        let err = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(1), "{}: {err}", s3.name);
+        assert!(
+            err.contains("access denied") && err.contains("may not write"),
+            "{}: {err}",
+            s3.name
+        );
+        assert_eq!(
+            s3.keys(&bucket, ""),
+            before,
+            "{}: something was written",
+            s3.name
+        );
+        let ok = copy_cmd(&s3.url(&bucket, ""), Some(&s3), Some(&sk), &["-q"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(ok.status.code(), Some(0), "{}: {}", s3.name, stderr_of(&ok));
+    }
+}

@@ -173,6 +173,39 @@ impl S3 {
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
     }
 
+    /// The read-only identity's credentials (it may read and list, never write; on Ceph
+    /// only buckets that [`Self::grant_reader`] opened to it).
+    pub fn reader_creds(&self, cmd: &mut Command) {
+        self.creds(cmd);
+        cmd.env(
+            "AWS_ACCESS_KEY_ID",
+            env_or_panic("CACHEPUSH_TEST_READ_ACCESS_KEY"),
+        )
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            env_or_panic("CACHEPUSH_TEST_READ_SECRET_KEY"),
+        );
+    }
+
+    /// Lets the read-only identity read and list `bucket` (Ceph: a bucket policy naming
+    /// its user; SeaweedFS grants it every bucket already).
+    pub fn grant_reader(&self, bucket: &str) {
+        if self.name != "ceph" {
+            return;
+        }
+        let policy = format!(
+            r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Principal":{{"AWS":["arn:aws:iam:::user/reader"]}},"Action":["s3:GetObject","s3:ListBucket"],"Resource":["arn:aws:s3:::{bucket}","arn:aws:s3:::{bucket}/*"]}}]}}"#
+        );
+        self.block_on(
+            self.client
+                .put_bucket_policy()
+                .bucket(bucket)
+                .policy(policy)
+                .send(),
+        )
+        .unwrap_or_else(|e| panic!("{}: bucket policy: {e:?}", self.name));
+    }
+
     /// Every key in the bucket under the folder `prefix` (`a` means `a/...`, never `ab/...`:
     /// tests that share the SeaweedFS `public` bucket each have a prefix of their own).
     pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
