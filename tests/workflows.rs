@@ -1184,3 +1184,83 @@ fn the_readmes_flag_table_matches_the_cli() {
     }
     assert!(rows >= 15, "only {rows} rows of the flag table found");
 }
+
+/// The documented hook, run by a real `nix-build --option post-build-hook`: Nix 2.8 gives
+/// it an empty OUT_PATHS (NixOS/nix#6446), so it queues the derivation's outputs; then
+/// `watch-store --once` publishes them and the real Nix substitutes them. A hook run
+/// with neither OUT_PATHS nor DRV_PATH says so and queues nothing.
+#[test]
+fn a_real_nix_build_with_the_post_build_hook_publishes_its_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let queue = tmp.path().join("queue");
+    let script = tmp.path().join("cachepush-hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec {} post-build-hook --queue {}\n",
+            env!("CARGO_BIN_EXE_cachepush"),
+            queue.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let salt = unique("hook");
+    let o = Command::new("nix-build")
+        .arg(fixture("closure.nix"))
+        .args(["-A", "dep", "--no-out-link", "--argstr", "salt", &salt])
+        .args(["--option", "substituters", ""])
+        .args(["--option", "post-build-hook"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let built = PathBuf::from(stdout(&o));
+    assert!(
+        stderr_of(&o).contains("queued 1 paths"),
+        "the hook queued nothing: {}",
+        stderr_of(&o)
+    );
+    assert_eq!(queued(&queue), 1);
+    let text = std::fs::read_dir(&queue)
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.path().extension().is_some_and(|x| x == "paths"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .unwrap();
+    assert_eq!(text.trim(), built.display().to_string());
+
+    let (sk, pk) = keygen(tmp.path(), "hook-1");
+    let cache = tmp.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    run_ok(
+        cachepush()
+            .args(["watch-store", "--once", "--queue"])
+            .arg(&queue)
+            .args(["--to", &url, "--signing-key"])
+            .arg(&sk),
+    );
+    assert_eq!(queued(&queue), 0, "the batch stayed queued");
+    let o = nix_substitute(&url, &tmp.path().join("dest"), &built, &pk);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+
+    // Outside Nix, with nothing to go on: one line saying why, exit 0, nothing queued.
+    let empty = tmp.path().join("empty-queue");
+    let o = cachepush()
+        .arg("post-build-hook")
+        .arg("--queue")
+        .arg(&empty)
+        .env_remove("OUT_PATHS")
+        .env_remove("DRV_PATH")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        stderr_of(&o).contains("neither OUT_PATHS nor DRV_PATH"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert_eq!(queued(&empty), 0);
+}

@@ -243,11 +243,36 @@ fn exit_of(status: std::process::ExitStatus) -> ExitCode {
 /// Nix runs the post-build hook synchronously and fails the build if it fails, so this
 /// only appends to the queue and always exits 0: a cache problem never breaks a build.
 pub fn run_hook(a: HookArgs) -> ExitCode {
-    let paths = std::env::var("OUT_PATHS").unwrap_or_default();
-    let paths: Vec<&str> = paths.split_whitespace().collect();
-    if paths.is_empty() {
-        return ExitCode::SUCCESS;
+    let out_paths = std::env::var("OUT_PATHS").unwrap_or_default();
+    let mut owned: Vec<String> = out_paths.split_whitespace().map(str::to_owned).collect();
+    if owned.is_empty() {
+        // Nix 2.8.0 runs the hook with OUT_PATHS empty (NixOS/nix#6446) but DRV_PATH set:
+        // the derivation's outputs are what was built.
+        match std::env::var("DRV_PATH") {
+            Ok(drv) if !drv.trim().is_empty() => match derivation_outputs(drv.trim()) {
+                Ok(outs) if !outs.is_empty() => owned = outs,
+                Ok(_) => {
+                    eprintln!(
+                        "cachepush post-build-hook: warning: OUT_PATHS is empty and {drv} names no outputs; nothing queued"
+                    );
+                    return ExitCode::SUCCESS;
+                }
+                Err(e) => {
+                    eprintln!(
+                        "cachepush post-build-hook: warning: OUT_PATHS is empty and the outputs of {drv} could not be read ({e}); nothing queued"
+                    );
+                    return ExitCode::SUCCESS;
+                }
+            },
+            _ => {
+                eprintln!(
+                    "cachepush post-build-hook: warning: neither OUT_PATHS nor DRV_PATH is set (run it as Nix's post-build-hook, or set OUT_PATHS); nothing queued"
+                );
+                return ExitCode::SUCCESS;
+            }
+        }
     }
+    let paths: Vec<&str> = owned.iter().map(String::as_str).collect();
     let dir = match config::load() {
         Ok(file) => config::queue_dir(a.queue, &file),
         Err(f) => {
@@ -271,4 +296,21 @@ pub fn run_hook(a: HookArgs) -> ExitCode {
         ),
     }
     ExitCode::SUCCESS
+}
+
+/// The output paths of a derivation, as `nix-store --query --outputs` lists them.
+fn derivation_outputs(drv: &str) -> Result<Vec<String>, String> {
+    let out = std::process::Command::new("nix-store")
+        .args(["--query", "--outputs", drv])
+        .env_remove("CACHEPUSH_SIGNING_KEY")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run nix-store: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect())
 }
