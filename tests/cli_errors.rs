@@ -274,6 +274,21 @@ fn bad_urls_and_flags_exit_2_and_write_nothing() {
             vec!["--to".into(), format!("{file_url}?bogus=1")],
             "unknown parameter \"bogus\"",
         ),
+        // An endpoint pasted with the bucket in its path would write to another bucket.
+        (
+            vec![
+                "--to".into(),
+                "s3://nix-cache?endpoint=http://127.0.0.1:9/nix-cache&region=us-east-1".into(),
+            ],
+            "has a path",
+        ),
+        (
+            vec![
+                "--to".into(),
+                "s3://nix-cache?endpoint=127.0.0.1:9&region=us-east-1".into(),
+            ],
+            "http://127.0.0.1:9",
+        ),
         (
             vec![
                 "--to".into(),

@@ -84,12 +84,8 @@ pub fn s3_config(url: &TargetUrl, opts: &OpenOptions) -> Result<S3Config, OpenEr
     let mut cfg = S3Config::new(bucket);
     cfg.prefix = prefix.clone();
     cfg.endpoint = match pick(&given.endpoint, "endpoint", &fallback.endpoint) {
-        // Nix's `endpoint=host:port&scheme=http` form: add the scheme.
-        Some(e) if !e.contains("://") => {
-            let scheme = url.param("scheme").unwrap_or("https");
-            Some(format!("{scheme}://{e}"))
-        }
-        other => other,
+        Some(e) => Some(endpoint(&e, url.param("scheme"))?),
+        None => None,
     };
     cfg.region = pick(&given.region, "region", &fallback.region);
     cfg.profile = pick(&given.profile, "profile", &fallback.profile);
@@ -119,6 +115,43 @@ pub fn s3_config(url: &TargetUrl, opts: &OpenOptions) -> Result<S3Config, OpenEr
         cfg.max_attempts = n.max(1);
     }
     Ok(cfg)
+}
+
+/// Checks an endpoint: the server's base URL, `http(s)://host[:port]`, nothing after it. A
+/// path (`http://host:9000/bucket`, as provider consoles show a bucket's URL) would put
+/// every key under another bucket than the URL names, so it is refused, as is a missing
+/// scheme unless `scheme=` gives it (Nix's own `endpoint=host:port&scheme=http`).
+fn endpoint(e: &str, scheme: Option<&str>) -> Result<String, OpenError> {
+    let e = e.trim();
+    let full = match (e.split_once("://"), scheme) {
+        (Some(_), _) => e.to_owned(),
+        (None, Some(s @ ("http" | "https"))) => format!("{s}://{e}"),
+        (None, Some(other)) => {
+            return Err(OpenError::Setting(format!(
+                "scheme={other} is not http or https"
+            )));
+        }
+        (None, None) => {
+            return Err(OpenError::Setting(format!(
+                "endpoint {e:?} has no scheme: write https://{e} (or http://{e} for a server without TLS, such as a local MinIO or SeaweedFS)"
+            )));
+        }
+    };
+    let Some((s, rest)) = full.split_once("://") else {
+        return Err(OpenError::Setting(format!("endpoint {e:?} is not a URL")));
+    };
+    if s != "http" && s != "https" {
+        return Err(OpenError::Setting(format!(
+            "endpoint {e:?}: the scheme must be http or https, not {s}"
+        )));
+    }
+    let host = rest.strip_suffix('/').unwrap_or(rest);
+    if host.is_empty() || host.contains(['/', '?', '#', '@']) {
+        return Err(OpenError::Setting(format!(
+            "endpoint {e:?} has a path, query or user part: an endpoint is the S3 server's base URL, {s}://HOST[:PORT]; the bucket goes in s3://BUCKET"
+        )));
+    }
+    Ok(format!("{s}://{host}"))
 }
 
 /// Opens the cache `url` names.
@@ -360,13 +393,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.endpoint.as_deref(), Some("http://host:9000"));
-        let c = cfg(
+        let e = cfg(
             "s3://b?endpoint=host:9000",
             S3Settings::default(),
             S3Settings::default(),
         )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("http://host:9000") && e.is_input(),
+            "{e}"
+        );
+        for bad in [
+            "http://host:9000/bucket",
+            "http://host:9000/b/",
+            "https://host?x=1",
+            "http://user:pw@host",
+            "ftp://host",
+            "http://",
+        ] {
+            let e = cfg(
+                &format!("s3://b?endpoint={bad}"),
+                S3Settings::default(),
+                S3Settings::default(),
+            )
+            .unwrap_err();
+            assert!(e.is_input(), "{bad}: {e}");
+        }
+        let c = cfg(
+            "s3://b?endpoint=http://host:9000/",
+            S3Settings::default(),
+            S3Settings::default(),
+        )
         .unwrap();
-        assert_eq!(c.endpoint.as_deref(), Some("https://host:9000"));
+        assert_eq!(c.endpoint.as_deref(), Some("http://host:9000"));
         let c = cfg(
             "s3://b?addressing-style=virtual",
             S3Settings::default(),
