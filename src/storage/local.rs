@@ -278,12 +278,16 @@ impl Storage for LocalDir {
             key: key.to_owned(),
             size: 0,
         };
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .await
-            .map_err(io_err("create", key))?;
+        // Created here, synchronously (one quick local call): with tokio's open, a stage
+        // dropped while the open was in flight on a worker thread would have the file
+        // created after `staged`'s Drop had already cleaned up, leaving a stray temp file.
+        let mut file = tokio::fs::File::from_std(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(io_err("create", key))?,
+        );
         while let Some(chunk) = body.recv().await {
             staged.size += chunk.len() as u64;
             tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
