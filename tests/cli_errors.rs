@@ -162,6 +162,84 @@ fn keygen_refuses_to_overwrite_and_writes_0600() {
     assert_eq!(std::fs::read(&s.good_key).unwrap(), before);
 }
 
+/// keygen on a fresh home makes the key's directory (0700); swapped arguments, a key name
+/// with a colon and an empty one are refused with a message that says which; a public key
+/// given as the secret key is named as such (no chmod advice); a CI secret with spaces
+/// around it works.
+#[test]
+fn keygen_and_key_mistakes_get_true_messages() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let home_key = tmp.path().join("fresh/.config/cachepush/cache.sk");
+    let o = cachepush()
+        .args(["keygen", "cache.example.org-1"])
+        .arg(&home_key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let dir_mode = std::fs::metadata(home_key.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dir_mode, 0o700);
+    let public = stdout(&o);
+    assert!(public.starts_with("cache.example.org-1:"), "{public}");
+
+    let swapped = tmp.path().join("cache.example.org-3");
+    for (args, needle) in [
+        (
+            vec!["./swapped.sk".to_owned(), swapped.display().to_string()],
+            "looks like a file path",
+        ),
+        (
+            vec![
+                "a:b".to_owned(),
+                tmp.path().join("c.sk").display().to_string(),
+            ],
+            "contains whitespace, a control character or ':'",
+        ),
+        (
+            vec![String::new(), tmp.path().join("d.sk").display().to_string()],
+            "the key name is empty",
+        ),
+    ] {
+        let o = cachepush().arg("keygen").args(&args).output().unwrap();
+        assert_one_error(&o, needle);
+        assert!(
+            !stderr_of(&o).contains("key name key name"),
+            "{}",
+            stderr_of(&o)
+        );
+        assert!(!Path::new(&args[1]).exists(), "{args:?} wrote a key");
+    }
+
+    // A public key where the secret key goes.
+    let pubfile = tmp.path().join("cache.pub");
+    std::fs::write(&pubfile, format!("{public}\n")).unwrap();
+    std::fs::set_permissions(&pubfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = cachepush().arg("pubkey").arg(&pubfile).output().unwrap();
+    assert_one_error(&o, "this is a public key");
+    assert!(!stderr_of(&o).contains("chmod"), "{}", stderr_of(&o));
+
+    // The secret from a CI variable, pasted with whitespace around it.
+    let secret = std::fs::read_to_string(&home_key).unwrap();
+    let cache = tmp.path().join("cache");
+    let o = cachepush()
+        .env("CACHEPUSH_SIGNING_KEY", format!("  {}\n\n", secret.trim()))
+        .args(["copy", "-q", "--to"])
+        .arg(format!("file://{}", cache.display()))
+        .arg(shared_top())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(
+        std::fs::read_to_string(&narinfos(&cache)[0])
+            .unwrap()
+            .contains("Sig: cache.example.org-1:")
+    );
+}
+
 #[test]
 fn changed_store_path_is_not_published() {
     // Corrupt a fresh store path behind Nix's back: its NarHash no longer matches the

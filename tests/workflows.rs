@@ -470,12 +470,12 @@ fn github_actions_get_groups_and_annotations_on_stderr_never_the_key_and_a_clean
         s3.creds(&mut c);
         c.env("AWS_ACCESS_KEY_ID", "")
             .env("AWS_SECRET_ACCESS_KEY", "")
-            .env("CACHEPUSH_SIGNING_KEY", "")
             .env("GITHUB_ACTIONS", "true")
             .args(["copy", "--to", &s3.url(&bucket, "")])
             .arg(top);
         if skip {
-            c.env("CACHEPUSH_SKIP_IF_NO_CREDENTIALS", "true");
+            c.env("CACHEPUSH_SKIP_IF_NO_CREDENTIALS", "true")
+                .env("CACHEPUSH_SIGNING_KEY", "");
         }
         c.output().unwrap()
     };
@@ -497,6 +497,23 @@ fn github_actions_get_groups_and_annotations_on_stderr_never_the_key_and_a_clean
         stderr_of(&o)
     );
     assert!(stderr_of(&o).contains("credential"), "{}", stderr_of(&o));
+    assert!(s3.keys(&bucket, "").is_empty());
+    // An empty signing-key secret without the switch: an error naming it (exit 2), not an
+    // unsigned push that every client would refuse.
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let o = c
+        .env("CACHEPUSH_SIGNING_KEY", "")
+        .args(["copy", "--to", &s3.url(&bucket, "")])
+        .arg(top)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("CACHEPUSH_SIGNING_KEY is set but empty"),
+        "{}",
+        stderr_of(&o)
+    );
     assert!(s3.keys(&bucket, "").is_empty());
     // The signing key alone can be what is missing.
     let mut c = cachepush();

@@ -36,12 +36,19 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey, Failure> {
         ))
     })?;
     let text = zeroize::Zeroizing::new(text);
+    let key = SecretKey::parse(&text).map_err(|e| {
+        let f = Failure::input(format!("secret key file {}: {e}", path.display()));
+        if matches!(e, cachepush::format::KeyError::PublicNotSecret { .. }) {
+            f
+        } else {
+            f.hint(
+                "generate a key with `cachepush keygen NAME FILE` or `nix-store --generate-binary-cache-key NAME SK PK`",
+            )
+        }
+    })?;
+    // Only a real secret key is worth the mode warning (a public key may be world-readable).
     warn_if_readable_by_others(path);
-    SecretKey::parse(&text).map_err(|e| {
-        Failure::input(format!("secret key file {}: {e}", path.display())).hint(
-            "generate a key with `cachepush keygen NAME FILE` or `nix-store --generate-binary-cache-key NAME SK PK`",
-        )
-    })
+    Ok(key)
 }
 
 /// A secret key that others can read is as good as published: say so (once, on stderr).
@@ -60,6 +67,28 @@ fn warn_if_readable_by_others(path: &Path) {
 }
 
 fn create_new(path: &Path, mode: u32, text: &str) -> Result<(), Failure> {
+    // A fresh home has no ~/.config/cachepush yet: make the directory, private, as ssh-keygen
+    // does for ~/.ssh. An existing directory is left as it is.
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                Failure::input(format!(
+                    "cannot create the directory {}: {e}",
+                    dir.display()
+                ))
+                .hint(format!(
+                    "create it yourself: mkdir -p -m 700 {}",
+                    dir.display()
+                ))
+            })?;
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

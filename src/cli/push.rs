@@ -220,11 +220,18 @@ fn signing_key(
     }
     if let Ok(text) = std::env::var("CACHEPUSH_SIGNING_KEY") {
         let text = zeroize::Zeroizing::new(text);
-        if !text.trim().is_empty() {
-            return SecretKey::parse(&text)
-                .map(Some)
-                .map_err(|e| Failure::input(format!("CACHEPUSH_SIGNING_KEY: {e}")));
+        if text.trim().is_empty() {
+            // Set but empty is an unset CI secret (a fork's pull request, a misspelled
+            // secret name): publishing unsigned would make every client refuse the paths.
+            return Err(
+                Failure::input("CACHEPUSH_SIGNING_KEY is set but empty").hint(
+                    "set the secret; or unset the variable to push unsigned; or pass --skip-if-no-credentials to skip the push when CI secrets are missing",
+                ),
+            );
         }
+        return SecretKey::parse(&text)
+            .map(Some)
+            .map_err(|e| Failure::input(format!("CACHEPUSH_SIGNING_KEY: {e}")));
     }
     if let Some(p) = url.param("secret-key") {
         return read_secret_key(&PathBuf::from(p)).map(Some);
@@ -379,7 +386,7 @@ impl Pusher {
             return skip(&out, "no S3 credentials are available");
         }
         if key.is_none() {
-            out.warn("no signing key given (--signing-key or CACHEPUSH_SIGNING_KEY): narinfos will carry only the signatures the store already has, and Nix refuses unsigned paths unless require-sigs = false");
+            out.warn("no signing key given (--signing-key, CACHEPUSH_SIGNING_KEY_FILE, CACHEPUSH_SIGNING_KEY, or signing-key-file in cachepush.toml): narinfos will carry only the signatures the store already has, and Nix refuses unsigned paths unless require-sigs = false");
         }
         let session = Session::new(
             store.clone(),

@@ -20,10 +20,20 @@ pub enum KeyError {
     Empty { what: &'static str },
     #[error("{what} has no ':' between the key name and the base64 key (expected NAME:BASE64)")]
     NoColon { what: &'static str },
-    #[error("{what} has an empty key name (expected NAME:BASE64)")]
+    #[error("{what}: the key name is empty (expected NAME:BASE64)")]
     EmptyName { what: &'static str },
-    #[error("{what} key name {name:?} contains whitespace or control characters")]
+    #[error(
+        "{what}: the key name {name:?} contains whitespace, a control character or ':' (key names look like cache.example.org-1)"
+    )]
     BadName { what: &'static str, name: String },
+    #[error(
+        "{what}: the key name {name:?} looks like a file path; the name comes first, then the file (cachepush keygen cache.example.org-1 ~/.config/cachepush/cache.sk)"
+    )]
+    PathAsName { what: &'static str, name: String },
+    #[error(
+        "this is a public key (\"{name}:...\", 32 bytes), not a secret key: give the secret key file that `cachepush keygen` wrote, which holds the private half"
+    )]
+    PublicNotSecret { name: String },
     #[error("{what} is not valid base64 after the key name")]
     BadBase64 { what: &'static str },
     #[error(
@@ -43,8 +53,9 @@ pub enum KeyError {
 }
 
 fn split<'a>(what: &'static str, text: &'a str) -> Result<(&'a str, Vec<u8>), KeyError> {
-    let text = text.trim_end_matches(['\n', '\r']);
-    if text.trim().is_empty() {
+    // Whitespace around the key (a CI secret pasted with a space or a newline) is noise.
+    let text = text.trim();
+    if text.is_empty() {
         return Err(KeyError::Empty { what });
     }
     let (name, b64) = text.split_once(':').ok_or(KeyError::NoColon { what })?;
@@ -90,6 +101,11 @@ impl SecretKey {
     pub fn parse(text: &str) -> Result<Self, KeyError> {
         const WHAT: &str = "secret key";
         let (name, bytes) = split(WHAT, text)?;
+        if bytes.len() == 32 {
+            return Err(KeyError::PublicNotSecret {
+                name: name.to_owned(),
+            });
+        }
         let bytes: [u8; 64] = exact(WHAT, &bytes)?;
         let key =
             SigningKey::from_keypair_bytes(&bytes).map_err(|_| KeyError::MismatchedPublicHalf {
@@ -103,7 +119,20 @@ impl SecretKey {
 
     /// A fresh key from the operating system's random source.
     pub fn generate(name: &str) -> Result<Self, KeyError> {
-        check_name("key name", name)?;
+        const WHAT: &str = "the new key";
+        check_name(WHAT, name)?;
+        // Nix allows any name, but one with a '/' or a key-file ending is almost always
+        // keygen's two arguments given the wrong way round.
+        if name.contains('/')
+            || [".sk", ".pk", ".key", ".pem", ".pub"]
+                .iter()
+                .any(|e| name.ends_with(e))
+        {
+            return Err(KeyError::PathAsName {
+                what: WHAT,
+                name: name.to_owned(),
+            });
+        }
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
         getrandom::fill(seed.as_mut()).map_err(|e| KeyError::Random(e.to_string()))?;
         Ok(SecretKey {
@@ -290,11 +319,7 @@ mod tests {
         // A public key given where a secret key is expected.
         assert!(matches!(
             SecretKey::parse(&sk.public().to_string()),
-            Err(KeyError::WrongLength {
-                got: 32,
-                expected: 64,
-                ..
-            })
+            Err(KeyError::PublicNotSecret { .. })
         ));
         assert!(SecretKey::generate("").is_err());
         assert!(SecretKey::generate("a b").is_err());
