@@ -29,6 +29,16 @@ pub enum StoreError {
     #[error("{0} does not exist")]
     Missing(PathBuf),
     #[error(
+        "{0} looks like a flake reference or an attribute: cachepush takes store paths; build it first (nix build {0}) and pass ./result"
+    )]
+    FlakeRef(String),
+    #[error("{arg} is inside the store path {path}: pass {path}")]
+    InsideStorePath { arg: PathBuf, path: String },
+    #[error(
+        "{0} is a derivation, not a build output: build it (nix-store --realise {0}) and pass its outputs, e.g. ./result"
+    )]
+    Derivation(String),
+    #[error(
         "{path} is not in the Nix store {store} (pass a store path, or a symlink to one such as ./result)"
     )]
     NotInStore { path: PathBuf, store: String },
@@ -53,6 +63,17 @@ pub enum StoreError {
         source: std::io::Error,
     },
 }
+
+/// How flake references begin (a `#` anywhere also gives one away).
+const FLAKE_SCHEMES: [&str; 7] = [
+    "github:",
+    "gitlab:",
+    "sourcehut:",
+    "path:",
+    "flake:",
+    "git+",
+    "nixpkgs#",
+];
 
 /// What the local store knows about one valid path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,13 +139,33 @@ impl LocalStore {
                 if std::fs::symlink_metadata(self.real_path(&p)).is_err() {
                     return Err(StoreError::NotValid(self.store_dir.display(&p)));
                 }
+                if p.name().ends_with(".drv") {
+                    return Err(StoreError::Derivation(self.store_dir.display(&p)));
+                }
                 return Ok(p);
             }
             let meta = std::fs::symlink_metadata(&cur).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => StoreError::Missing(arg.to_owned()),
+                std::io::ErrorKind::NotFound => {
+                    let text = arg.to_string_lossy();
+                    if text.contains('#') || FLAKE_SCHEMES.iter().any(|s| text.starts_with(s)) {
+                        StoreError::FlakeRef(text.into_owned())
+                    } else {
+                        StoreError::Missing(arg.to_owned())
+                    }
+                }
                 _ => io(e),
             })?;
             if !meta.file_type().is_symlink() {
+                // Not a link, and not in the store as written: it may still be inside a
+                // store path through a link higher up (./result/bin/hello).
+                if let Ok(real) = std::fs::canonicalize(arg)
+                    && let Ok(Some(p)) = self.store_path_prefix(&real)
+                {
+                    return Err(StoreError::InsideStorePath {
+                        arg: arg.to_owned(),
+                        path: self.store_dir.display(&p),
+                    });
+                }
                 break;
             }
             let target = std::fs::read_link(&cur).map_err(io)?;

@@ -240,6 +240,59 @@ fn keygen_and_key_mistakes_get_true_messages() {
     );
 }
 
+/// Path arguments that are not what cachepush takes get a message that is true and says
+/// what to pass instead: a file inside a store path, a derivation, a flake reference, and
+/// `push` with the URL after the paths. Exit 2, nothing written; the twin publishes.
+#[test]
+fn wrong_kinds_of_path_arguments_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let top = shared_top();
+    let result = tmp.path().join("result");
+    std::os::unix::fs::symlink(top, &result).unwrap();
+    let drv = stdout(&run_ok(
+        std::process::Command::new("nix-store")
+            .args(["-q", "--deriver"])
+            .arg(top),
+    ));
+    let cache = tmp.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let top_text = top.display().to_string();
+    for (args, needle) in [
+        (
+            vec![
+                "copy".to_owned(),
+                "--to".into(),
+                url.clone(),
+                result.join("refs").display().to_string(),
+            ],
+            format!("inside the store path {top_text}: pass {top_text}"),
+        ),
+        (
+            vec!["copy".to_owned(), "--to".into(), url.clone(), drv.clone()],
+            "is a derivation, not a build output".to_owned(),
+        ),
+        (
+            vec![
+                "copy".to_owned(),
+                "--to".into(),
+                url.clone(),
+                ".#default".into(),
+            ],
+            "looks like a flake reference".to_owned(),
+        ),
+        (
+            vec!["push".to_owned(), top_text.clone(), url.clone()],
+            "the URL must come first".to_owned(),
+        ),
+    ] {
+        let o = cachepush().args(&args).output().unwrap();
+        assert_one_error(&o, &needle);
+        assert!(!cache.exists(), "{args:?} wrote something");
+    }
+    run_ok(cachepush().args(["push", "-q", &url]).arg(&result));
+    assert!(!narinfos(&cache).is_empty());
+}
+
 #[test]
 fn changed_store_path_is_not_published() {
     // Corrupt a fresh store path behind Nix's back: its NarHash no longer matches the

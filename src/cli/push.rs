@@ -174,9 +174,16 @@ pub fn run_push(a: PushArgs) -> Result<ExitCode, Failure> {
             .ok()
             .filter(|t| !t.is_empty())
             .or_else(|| file.to.clone()),
+    };
+    let paths: Vec<String> = args.collect();
+    // `push ./result s3://...`: a URL after a path is the arguments swapped, not a path.
+    if let Some(late) = paths.iter().find(|p| p.contains("://")) {
+        return Err(Failure::input(format!(
+            "{late} is a cache URL after a path: the URL must come first (cachepush push URL PATH...)"
+        )));
     }
-    .ok_or_else(no_target)?;
-    let paths = args.map(PathBuf::from).collect();
+    let url = url.ok_or_else(no_target)?;
+    let paths = paths.into_iter().map(PathBuf::from).collect();
     one_shot(&url, paths, &a.select, &a.settings, &file)
 }
 
