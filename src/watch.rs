@@ -354,8 +354,12 @@ pub async fn push_new<P: BatchPusher>(
         Ok(Batch::Done { .. }) | Err(_) => {
             scanner.retry_later(valid);
             pusher.warn(&format!(
-                "{} paths will be pushed again after a pause",
-                scanner.failed()
+                "{} will be pushed again after a pause",
+                if scanner.failed() == 1 {
+                    "1 path".to_owned()
+                } else {
+                    format!("{} paths", scanner.failed())
+                }
             ));
         }
         // Stopping: nothing is retried, the process ends.

@@ -1236,7 +1236,7 @@ fn a_real_nix_build_with_the_post_build_hook_publishes_its_outputs() {
     assert!(o.status.success(), "{}", stderr_of(&o));
     let built = PathBuf::from(stdout(&o));
     assert!(
-        stderr_of(&o).contains("queued 1 paths"),
+        stderr_of(&o).contains("queued 1 path in"),
         "the hook queued nothing: {}",
         stderr_of(&o)
     );

@@ -195,6 +195,17 @@ impl Output {
     }
 }
 
+/// `1 path`, `2 paths`: a count with its noun in the right number (`noun` is singular;
+/// the plural adds an s).
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Bytes for people: `1.5 MiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

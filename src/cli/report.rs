@@ -6,7 +6,7 @@ use cachepush::format::StoreDir;
 use cachepush::push::{Event, Observer, Outcome as Ended, Plan, PlanCounts, Report, Session};
 use cachepush::storage::{AnyStorage, RequestStats};
 
-use super::output::{Output, human_bytes};
+use super::output::{Output, count, human_bytes};
 use super::push::Outcome;
 
 /// The terminal side of one push.
@@ -75,8 +75,8 @@ impl<'a> Shown<'a> {
                 warn_left_open(out, left_open);
                 let failed = report.failed.len();
                 out.info(&format!(
-                    "pushed {} paths ({} NAR, {} sent), skipped {}, failed {} in {:.1}s",
-                    report.pushed,
+                    "pushed {} ({} NAR, {} sent), skipped {}, failed {} in {:.1}s",
+                    count(report.pushed as u64, "path"),
                     human_bytes(report.nar_bytes),
                     human_bytes(report.sent_bytes),
                     report.skipped,
@@ -94,8 +94,9 @@ impl<'a> Shown<'a> {
                 }
                 if failed > 0 {
                     eprintln!(
-                        "error: {failed} of {} paths were not published:",
-                        counts.to_send
+                        "error: {failed} of {} {} not published:",
+                        count(counts.to_send as u64, "path"),
+                        if failed == 1 { "was" } else { "were" }
                     );
                     for (p, e) in &report.failed {
                         eprintln!("  {}: {e}", self.dir.display(p));
@@ -131,8 +132,8 @@ impl Observer for Shown<'_> {
             ));
         }
         let mut line = format!(
-            "{} paths in the closure, {} already in {}",
-            plan.closure,
+            "{} in the closure, {} already in {}",
+            count(plan.closure as u64, "path"),
             plan.present.len(),
             self.target
         );
@@ -154,7 +155,10 @@ impl Observer for Shown<'_> {
         ));
         out.info(&line);
         if self.dry_run {
-            out.group(&format!("{} paths would be pushed", plan.to_send.len()));
+            out.group(&format!(
+                "{} would be pushed",
+                count(plan.to_send.len() as u64, "path")
+            ));
             for p in &plan.to_send {
                 out.info(&format!(
                     "would push {} ({})",
@@ -167,7 +171,8 @@ impl Observer for Shown<'_> {
     }
 
     fn uploading(&mut self, paths: usize, nar_bytes: u64) {
-        self.out.group(&format!("pushing {paths} paths"));
+        self.out
+            .group(&format!("pushing {}", count(paths as u64, "path")));
         self.out.start_progress(paths as u64, nar_bytes);
     }
 
@@ -241,7 +246,8 @@ fn peak_rss_bytes() -> Option<u64> {
 fn warn_left_open(out: &Output, n: usize) {
     if n > 0 {
         out.warn(&format!(
-            "{n} multipart uploads could not be aborted and stay open (invisible to Nix, but stored and billed); `cachepush verify --abort-open-uploads` or a lifecycle rule removes them"
+            "{} could not be aborted and stay open (invisible to Nix, but stored and billed); `cachepush verify --abort-open-uploads` or a lifecycle rule removes them",
+            count(n as u64, "multipart upload")
         ));
     }
 }

@@ -9,6 +9,7 @@ use cachepush::verify::{VerifyOptions, VerifyReport, verify};
 use clap::Args;
 
 use super::Failure;
+use super::output::count;
 use super::push::runtime;
 use super::s3args::S3Args;
 
@@ -98,15 +99,18 @@ async fn check<S: Storage>(
             println!("{}: {}", p.key, p.problem);
         }
         eprintln!(
-            "{}: {} narinfos{}, {} problems",
+            "{}: {}{}, {}",
             s.describe(),
-            report.narinfos,
+            count(report.narinfos as u64, "narinfo"),
             if opts.full {
-                format!(", {} NARs downloaded and checked", report.nars_checked)
+                format!(
+                    ", {} downloaded and checked",
+                    count(report.nars_checked as u64, "NAR")
+                )
             } else {
                 String::new()
             },
-            report.problems.len()
+            count(report.problems.len() as u64, "problem")
         );
     }
     Ok(if report.problems.is_empty() {

@@ -212,7 +212,9 @@ pub fn run_watch_exec(a: WatchExecArgs) -> Result<ExitCode, Failure> {
         let failed = scanner.failed();
         if failed > 0 {
             pusher.out.error(&format!(
-                "the command succeeded but {failed} paths were not published"
+                "the command succeeded but {} {} not published",
+                super::output::count(failed as u64, "path"),
+                if failed == 1 { "was" } else { "were" }
             ));
             return Ok(ExitCode::from(1));
         }
@@ -285,8 +287,8 @@ pub fn run_hook(a: HookArgs) -> ExitCode {
     };
     match Queue::new(&dir).enqueue(&paths) {
         Ok(_) => eprintln!(
-            "cachepush: queued {} paths in {} for upload",
-            paths.len(),
+            "cachepush: queued {} in {} for upload",
+            super::output::count(paths.len() as u64, "path"),
             dir.display()
         ),
         Err(e) => eprintln!(
