@@ -681,3 +681,55 @@ fn a_read_only_key_is_told_it_may_not_write() {
         assert_eq!(ok.status.code(), Some(0), "{}: {}", s3.name, stderr_of(&ok));
     }
 }
+
+/// `--profile` (or `profile=` in the URL) is the credentials to use, as with the AWS CLI:
+/// wrong `AWS_*` keys in the environment do not override it. A misspelled profile names
+/// the profile and the files looked in, exit 2, nothing written.
+#[test]
+fn a_named_profile_wins_over_the_environment_and_a_misspelled_one_is_named() {
+    use common::s3::S3;
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("credentials");
+    let config = tmp.path().join("config");
+    std::fs::write(
+        &creds,
+        format!(
+            "[nix-cache]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            std::env::var("CACHEPUSH_TEST_ACCESS_KEY").unwrap(),
+            s3.secret_key
+        ),
+    )
+    .unwrap();
+    std::fs::write(&config, "[profile nix-cache]\nregion = us-east-1\n").unwrap();
+    let bucket = s3.new_bucket("profile");
+    let run = |profile: &str, in_url: bool| {
+        let url = if in_url {
+            format!("{}&profile={profile}", s3.url(&bucket, ""))
+        } else {
+            s3.url(&bucket, "")
+        };
+        let mut c = copy_cmd(&url, Some(&s3), None, &["-q"]);
+        c.env("AWS_ACCESS_KEY_ID", "AKIDWRONGWRONGWRONG")
+            .env("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+            .env("AWS_SHARED_CREDENTIALS_FILE", &creds)
+            .env("AWS_CONFIG_FILE", &config);
+        if !in_url {
+            c.args(["--profile", profile]);
+        }
+        c.arg(shared_top()).output().unwrap()
+    };
+    let o = run("nix-cahce", false);
+    assert_one_error(&o, "AWS profile \"nix-cahce\"");
+    assert!(
+        stderr_of(&o).contains(creds.to_str().unwrap()),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(s3.keys(&bucket, "").is_empty());
+    for in_url in [false, true] {
+        let o = run("nix-cache", in_url);
+        assert!(o.status.success(), "in URL {in_url}: {}", stderr_of(&o));
+    }
+    assert!(!s3.keys(&bucket, "").is_empty());
+}

@@ -78,8 +78,21 @@ impl S3Bucket {
             return Err(StorageError::Config("the S3 URL names no bucket".into()));
         }
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        // A profile named on purpose (flag, URL, file) is the credentials to use, as with
+        // the AWS CLI: the default chain would let AWS_ACCESS_KEY_ID in the environment
+        // win over it without a word.
+        let profile_credentials = cfg.profile.as_ref().map(|p| {
+            aws_sdk_s3::config::SharedCredentialsProvider::new(
+                aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .profile_name(p)
+                    .build(),
+            )
+        });
         if let Some(p) = &cfg.profile {
             loader = loader.profile_name(p);
+        }
+        if let Some(c) = &profile_credentials {
+            loader = loader.credentials_provider(c.clone());
         }
         // Region: explicit, then AWS_REGION / the profile, then us-east-1. The instance
         // metadata service is deliberately not asked: off EC2 it only adds a timeout.
@@ -102,6 +115,20 @@ impl S3Bucket {
             loader = loader.endpoint_url(e);
         }
         let sdk = loader.load().await;
+        if let (Some(p), Some(c)) = (&cfg.profile, &profile_credentials) {
+            use aws_sdk_s3::config::ProvideCredentials;
+            if let Err(e) = c.provide_credentials().await {
+                let file = |var: &str, default: &str| {
+                    std::env::var(var).unwrap_or_else(|_| format!("~/.aws/{default}"))
+                };
+                return Err(StorageError::Config(format!(
+                    "AWS profile {p:?}: {} (looked in {} and {}; profile names are case-sensitive)",
+                    crate::error_chain(&e),
+                    file("AWS_CONFIG_FILE", "config"),
+                    file("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+                )));
+            }
+        }
         let endpoint = cfg
             .endpoint
             .clone()
