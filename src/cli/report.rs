@@ -127,9 +127,10 @@ impl Observer for Shown<'_> {
             ));
         }
         for e in &plan.upstream_errors {
-            out.warn(&format!(
-                "upstream lookup failed, pushing the path anyway: {e}"
-            ));
+            out.warn(&match e {
+                cachepush::upstream::UpstreamError::Down { .. } => format!("upstream {e}"),
+                _ => format!("upstream lookup failed, pushing the path anyway: {e}"),
+            });
         }
         let mut line = format!(
             "{} in the closure, {} already in {}",

@@ -132,15 +132,37 @@ pub async fn plan<S: Storage>(
         .collect::<Vec<_>>()
         .await;
         missing = Vec::with_capacity(found.len());
+        // One report per upstream: its first error, and, when it was marked down, how
+        // many paths were pushed without asking it (not one warning per path).
+        let (mut first, mut errored) = (None, 0usize);
         for (info, r) in found {
             match r {
                 Ok(true) => plan.upstream.push(info),
                 Ok(false) => missing.push(info),
                 Err(e) => {
-                    plan.upstream_errors.push(e);
+                    errored += 1;
+                    if first.is_none() && !matches!(e, UpstreamError::Down { .. }) {
+                        first = Some(e);
+                    }
                     missing.push(info);
                 }
             }
+        }
+        plan.upstream_errors.extend(first);
+        if up.is_down() {
+            plan.upstream_errors.push(UpstreamError::Down {
+                url: up.url().to_owned(),
+                failures: up.failures(),
+                paths: errored,
+            });
+        } else if errored > 1 {
+            plan.upstream_errors.push(UpstreamError::Request {
+                url: up.url().to_owned(),
+                message: format!(
+                    "{} more lookups failed; those paths were pushed",
+                    errored - 1
+                ),
+            });
         }
     }
     plan.to_send = missing;
