@@ -131,6 +131,8 @@ in
       };
       serviceConfig = {
         ExecStart = lib.escapeShellArgs ([ "${cfg.package}/bin/cachepush" ] ++ args);
+        # SIGHUP reloads the htpasswd and tokens files (it never stops the gateway).
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         LoadCredential = credential "aws-credentials" cfg.credentialsFile
           ++ credential "htpasswd" cfg.htpasswdFile
           ++ credential "tokens" cfg.tokensFile

@@ -133,6 +133,7 @@ fn config(addr: SocketAddr, auth: Option<Auth>) -> GatewayConfig {
         cache_entries: 1000,
         signer: None,
         auth,
+        auth_files: None,
         tls: None,
         access_log: false,
         store_dir: "/nix/store".into(),
@@ -252,4 +253,91 @@ fn the_gateway_runs_in_process_over_a_local_directory() {
 
     stop.notify_one();
     rt.block_on(server).unwrap().unwrap();
+}
+
+/// The credential files are reloaded when they change and on SIGHUP (which never stops
+/// the gateway); a file that cannot be used keeps the credentials in use; each 401 in the
+/// log says why.
+#[test]
+fn credentials_reload_on_change_and_sighup_and_401s_say_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = filled_cache(tmp.path());
+    let pw = htpasswd(tmp.path(), "alice", "alice-pw");
+    let alice_line = std::fs::read_to_string(&pw).unwrap();
+    std::fs::create_dir_all(tmp.path().join("b")).unwrap();
+    let bob_line =
+        std::fs::read_to_string(htpasswd(&tmp.path().join("b"), "bob", "bob-pw")).unwrap();
+    let gw = Gateway::start(gateway_from(
+        &format!("file://{}", dir.display()),
+        None,
+        &["--htpasswd", pw.to_str().unwrap()],
+    ));
+    let status = |user: &str, pass: &str| {
+        request(
+            gw.addr,
+            "GET",
+            "/nix-cache-info",
+            &[("Authorization", &basic(user, pass))],
+        )
+        .status
+    };
+    let wait_for = |want: u16, user: &str, pass: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while status(user, pass) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{user} never got {want}: {}",
+                gw.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(status("alice", "alice-pw"), 200);
+    assert_eq!(status("bob", "bob-pw"), 401);
+    assert_eq!(status("alice", "nope"), 401);
+    assert_eq!(get(gw.addr, "/nix-cache-info").status, 401);
+    let log = gw.log_text();
+    for why in [
+        "(unknown user \"bob\")",
+        "(wrong password for user \"alice\")",
+        "(no credentials)",
+    ] {
+        assert!(log.contains(why), "{why} not in {log}");
+    }
+    assert!(
+        !log.contains("bob-pw") && !log.contains("alice-pw"),
+        "{log}"
+    );
+
+    // Bob added to the live file: accepted without a restart.
+    std::fs::write(&pw, format!("{alice_line}\n{bob_line}\n")).unwrap();
+    wait_for(200, "bob", "bob-pw");
+    // Alice removed, then SIGHUP: she is refused, and the gateway is still serving.
+    std::fs::write(&pw, format!("{bob_line}\n")).unwrap();
+    send_signal(gw.child.id(), "-HUP");
+    wait_for(401, "alice", "alice-pw");
+    assert_eq!(status("bob", "bob-pw"), 200);
+    assert!(
+        gw.log_text().contains("credentials reloaded"),
+        "{}",
+        gw.log_text()
+    );
+    // A broken file keeps what works.
+    std::fs::write(&pw, "this is not an htpasswd line\n").unwrap();
+    send_signal(gw.child.id(), "-HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !gw.log_text().contains("the previous ones stay in use") {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(status("bob", "bob-pw"), 200);
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(signal)
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
 }

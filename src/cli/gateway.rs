@@ -14,9 +14,9 @@ use cachepush::target::TargetUrl;
 use clap::Args;
 use serde::Deserialize;
 
+use super::Failure;
 use super::keys::read_secret_key;
 use super::s3args::S3Args;
-use super::{Failure, interrupted};
 
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
@@ -250,6 +250,8 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
     };
     let htpasswd = pick(a.htpasswd.clone(), file.htpasswd.clone());
     let tokens = pick(a.tokens.clone(), file.tokens.clone());
+    let auth_files =
+        (htpasswd.is_some() || tokens.is_some()).then(|| (htpasswd.clone(), tokens.clone()));
     let auth = if htpasswd.is_some() || tokens.is_some() {
         Some(
             Auth::load(htpasswd.as_deref(), tokens.as_deref())
@@ -299,6 +301,7 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         _ => wanted,
     };
     let cfg = GatewayConfig {
+        auth_files,
         listen,
         delivery,
         presign_ttl,
@@ -354,7 +357,9 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         }
         // An address that cannot be bound (in use, not ours) is the environment, not the
         // command line: exit 3, as for a target that cannot be reached.
-        gateway::serve(cfg, storage, interrupted())
+        // SIGHUP reloads the credential files (and never stops the gateway).
+        let reload = super::signal::hangups();
+        gateway::serve_reloading(cfg, storage, super::signal::terminated(), reload)
             .await
             .map_err(|e| Failure::target(e.to_string()))
     })?;

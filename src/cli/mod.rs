@@ -16,7 +16,7 @@ mod verify;
 mod watch;
 
 pub use failure::Failure;
-pub use signal::{interrupted, stop_signal, until_stopped};
+pub use signal::{stop_signal, until_stopped};
 
 use std::process::ExitCode;
 

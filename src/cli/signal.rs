@@ -61,3 +61,38 @@ pub async fn until_stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
         std::future::pending::<()>().await;
     }
 }
+
+/// Resolves on Ctrl-C (SIGINT), SIGTERM or SIGQUIT: a server's stop signals. SIGHUP is not
+/// one of them (for the gateway it means "reload", as for most daemons).
+pub async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut streams: Vec<_> = [SignalKind::terminate(), SignalKind::quit()]
+            .into_iter()
+            .filter_map(|k| signal(k).ok())
+            .collect();
+        if streams.is_empty() {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+        let others = futures::future::select_all(streams.iter_mut().map(|s| Box::pin(s.recv())));
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = others => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Each SIGHUP, as a stream (none where the signal cannot be listened for).
+pub fn hangups() -> Option<cachepush::gateway::Reload> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let s = signal(SignalKind::hangup()).ok()?;
+    Some(Box::pin(futures::stream::unfold(s, |mut s| async move {
+        s.recv().await.map(|()| ((), s))
+    })))
+}

@@ -225,6 +225,45 @@ impl Auth {
         self.decide(header, false)
     }
 
+    /// Why a credential that [`Auth::check`] refused was refused, for the log: without
+    /// bcrypt, and without the secret (user names only, cut to 64 characters).
+    pub fn refusal(&self, header: Option<&[u8]>) -> String {
+        let Some(h) = header else {
+            return "no credentials".into();
+        };
+        let Some(h) = std::str::from_utf8(h)
+            .ok()
+            .filter(|h| h.len() <= MAX_CREDENTIAL_LEN)
+        else {
+            return "malformed credentials".into();
+        };
+        let (scheme, value) = h.trim().split_once(' ').unwrap_or((h, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return "unknown token".into();
+        }
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return "an authentication scheme other than Basic or Bearer".into();
+        }
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(value.trim())
+            .ok()
+            .and_then(|d| String::from_utf8(d).ok());
+        let Some((user, _)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
+            return "malformed credentials".into();
+        };
+        let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
+        if self.users.contains_key(user) {
+            format!("wrong password for user {shown:?}")
+        } else {
+            format!("unknown user {shown:?}")
+        }
+    }
+
+    /// How many users and tokens the files held.
+    pub fn entries(&self) -> (usize, usize) {
+        (self.users.len(), self.tokens.len())
+    }
+
     fn decide(&self, header: Option<&[u8]>, slow: bool) -> Option<bool> {
         let Some(h) = header else { return Some(false) };
         if h.len() > MAX_CREDENTIAL_LEN {
@@ -298,6 +337,17 @@ mod tests {
         // The second time comes from the verified cache.
         assert_eq!(a.check_cached(Some(&basic("alice", "s3cret"))), Some(true));
         assert!(!a.check(Some(&basic("alice", "s3cre"))));
+        assert_eq!(
+            a.refusal(Some(&basic("alice", "s3cre"))),
+            "wrong password for user \"alice\""
+        );
+        assert_eq!(
+            a.refusal(Some(&basic("mallory", "x"))),
+            "unknown user \"mallory\""
+        );
+        assert_eq!(a.refusal(None), "no credentials");
+        assert_eq!(a.refusal(Some(b"Bearer nope")), "unknown token");
+        assert_eq!(a.refusal(Some(b"Basic %%%")), "malformed credentials");
         assert!(!a.check(Some(&basic("bob", "s3cret"))));
         assert!(a.check(Some(b"Bearer 0123456789abcdef0123")));
         assert!(!a.check(Some(b"Bearer 0123456789abcdef012")));

@@ -74,6 +74,10 @@ pub struct GatewayConfig {
     /// Countersigning (`--signing-key` with its policy); see [`super::sign`].
     pub signer: Option<Countersigner>,
     pub auth: Option<Auth>,
+    /// The htpasswd and tokens files `auth` came from: reloaded when they change, and when
+    /// asked ([`super::serve_reloading`]: SIGHUP), so users can be added or removed without
+    /// a restart.
+    pub auth_files: Option<(Option<PathBuf>, Option<PathBuf>)>,
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     pub access_log: bool,
     /// For the `nix-cache-info` served when the bucket has none.

@@ -29,7 +29,8 @@ pub(super) const MAX_SMALL_OBJECT: u64 = 1024 * 1024;
 /// Everything a request may use, shared by all connections.
 pub struct State<S> {
     pub(super) storage: S,
-    pub(super) auth: Option<Arc<Auth>>,
+    /// Swapped whole on reload; a request works with the one it read.
+    pub(super) auth: std::sync::RwLock<Option<Arc<Auth>>>,
     pub(super) checks: PasswordChecks,
     pub(super) flights: SingleFlight,
     /// The last storage check and when it ran: `/healthz` asks the storage at most once
@@ -47,7 +48,7 @@ impl<S: Storage> State<S> {
         let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
         State {
             storage,
-            auth: cfg.auth.take().map(Arc::new),
+            auth: std::sync::RwLock::new(cfg.auth.take().map(Arc::new)),
             // A request waits up to 2 s for a password check slot, then gets a 503.
             checks: PasswordChecks::new(
                 slots,
@@ -61,6 +62,24 @@ impl<S: Storage> State<S> {
             public_key,
             cfg,
         }
+    }
+
+    pub(super) fn auth(&self) -> Option<Arc<Auth>> {
+        self.auth.read().ok().and_then(|a| a.clone())
+    }
+
+    /// Reads the htpasswd and tokens files again and swaps them in; on an error the
+    /// credentials in use stay. Returns how many users and tokens are now accepted.
+    pub fn reload_auth(&self) -> Result<Option<(usize, usize)>, super::auth::AuthFileError> {
+        let Some((htpasswd, tokens)) = &self.cfg.auth_files else {
+            return Ok(None);
+        };
+        let fresh = Auth::load(htpasswd.as_deref(), tokens.as_deref())?;
+        let entries = fresh.entries();
+        if let Ok(mut a) = self.auth.write() {
+            *a = Some(Arc::new(fresh));
+        }
+        Ok(Some(entries))
     }
 
     /// Logs a storage failure with its details and gives the generic refusal.
@@ -124,9 +143,10 @@ impl<S: Storage> State<S> {
         req: &Request<Incoming>,
         peer: Option<IpAddr>,
     ) -> Result<(), Response<Body>> {
-        let Some(auth) = &self.auth else {
+        let Some(auth) = self.auth() else {
             return Ok(());
         };
+        let auth = &auth;
         let h = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -160,6 +180,7 @@ impl<S: Storage> State<S> {
         }
         self.metrics.auth_failure();
         let mut r: Response<Body> = Refusal::Unauthorized.into();
+        r.extensions_mut().insert(AuthRefused(auth.refusal(h)));
         if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", auth.realm)) {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
@@ -203,7 +224,7 @@ impl<S: Storage> State<S> {
     /// `max-age=60`): `public` only where no credentials were needed to get it, or where
     /// the operator said a CDN in front authenticates (security review M4).
     pub(super) fn cacheable(&self, r: &mut Response<Body>, directives: &str) {
-        let public = self.auth.is_none() || self.cfg.cache_control == CacheControl::Public;
+        let public = self.auth().is_none() || self.cfg.cache_control == CacheControl::Public;
         let value = format!(
             "{}, {directives}",
             if public { "public" } else { "private" }
@@ -217,3 +238,7 @@ impl<S: Storage> State<S> {
         }
     }
 }
+
+/// Why a request was answered 401, for the access log (never the credential itself).
+#[derive(Clone, Debug)]
+pub struct AuthRefused(pub String);

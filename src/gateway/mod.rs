@@ -36,5 +36,5 @@ pub mod tls;
 
 pub use config::{CacheControl, Delivery, GatewayConfig, GatewayError, Listen};
 pub use response::Body;
-pub use server::{raise_open_file_limit, serve};
+pub use server::{Reload, raise_open_file_limit, serve, serve_reloading};
 pub use tls::load_tls;

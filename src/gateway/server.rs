@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
 
 use super::config::{GatewayConfig, GatewayError, Listen};
-use super::handler::State;
+use super::handler::{AuthRefused, State};
 use super::response::{Body, empty, log};
 use crate::storage::Storage;
 
@@ -138,8 +138,12 @@ async fn serve_request<S: Storage>(
     }
     if state.cfg.access_log {
         // The path only: never a query string, and never the presigned Location.
+        let why = resp
+            .extensions()
+            .get::<AuthRefused>()
+            .map_or(String::new(), |r| format!(" ({})", r.0));
         log(&format!(
-            "{} {} {} {status} {len} {:.1}ms",
+            "{} {} {} {status} {len} {:.1}ms{why}",
             peer.label,
             req.method(),
             req.uri().path().chars().take(200).collect::<String>(),
@@ -235,7 +239,18 @@ pub async fn serve<S: Storage>(
     storage: S,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
+    serve_reloading(cfg, storage, shutdown, None).await
+}
+
+/// As [`serve`], also reloading the credential files on each item of `reload` (SIGHUP).
+pub async fn serve_reloading<S: Storage>(
+    cfg: GatewayConfig,
+    storage: S,
+    shutdown: impl Future<Output = ()>,
+    reload: Option<Reload>,
+) -> Result<(), GatewayError> {
     let state = Arc::new(State::new(cfg, storage));
+    let reloader = tokio::spawn(reload_auth_files(state.clone(), reload));
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Conn, Peer)>(64);
     let mut acceptors = tokio::task::JoinSet::new();
@@ -394,6 +409,7 @@ pub async fn serve<S: Storage>(
         });
     }
     acceptors.abort_all();
+    reloader.abort();
     log("shutting down: waiting for requests in flight");
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
@@ -407,4 +423,53 @@ pub async fn serve<S: Storage>(
         }
     }
     Ok(())
+}
+
+/// Requests to reload the credential files (the CLI turns SIGHUP into these).
+pub type Reload = std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send>>;
+
+/// Reloads the htpasswd and tokens files when one changes (checked every 2 s) and on each
+/// item of `reload` (SIGHUP); says what it did, and keeps the old credentials when the new
+/// files cannot be used.
+async fn reload_auth_files<S: Storage>(state: Arc<State<S>>, reload: Option<Reload>) {
+    use futures::StreamExt;
+    let Some((htpasswd, tokens)) = state.cfg.auth_files.clone() else {
+        return;
+    };
+    let stamp = || {
+        [&htpasswd, &tokens].map(|p| {
+            p.as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map(|m| (m.modified().ok(), m.len()))
+        })
+    };
+    let mut seen = stamp();
+    let mut reload: Reload = reload.unwrap_or_else(|| Box::pin(futures::stream::pending()));
+    loop {
+        let why = tokio::select! {
+            r = reload.next() => match r {
+                Some(()) => "SIGHUP",
+                None => {
+                    reload = Box::pin(futures::stream::pending());
+                    continue;
+                }
+            },
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                if stamp() == seen {
+                    continue;
+                }
+                "a file changed"
+            }
+        };
+        seen = stamp();
+        match state.reload_auth() {
+            Ok(Some((users, tokens))) => log(&format!(
+                "credentials reloaded ({why}): {users} users, {tokens} tokens"
+            )),
+            Ok(None) => {}
+            Err(e) => log(&format!(
+                "error: reloading the credentials ({why}): {e}; the previous ones stay in use"
+            )),
+        }
+    }
 }
