@@ -25,8 +25,8 @@
               --bash <($out/bin/cachepush completions bash) \
               --zsh <($out/bin/cachepush completions zsh) \
               --fish <($out/bin/cachepush completions fish)
-            $out/bin/cachepush man > cachepush.1
-            installManPage cachepush.1
+            $out/bin/cachepush man --dir man
+            installManPage man/*.1
           '';
           meta = {
             description = cargo.package.description;

@@ -854,6 +854,29 @@ fn completions_and_a_man_page_come_from_the_cli_definition() {
         &man[..200.min(man.len())]
     );
     assert!(man.contains("gateway"));
+    assert!(
+        man.contains("EXIT STATUS") && man.contains("130"),
+        "no exit statuses"
+    );
+    // Every page the main page refers to exists, with the subcommand's flags and variables.
+    let tmp = tempfile::tempdir().unwrap();
+    run_ok(cachepush().args(["man", "--dir"]).arg(tmp.path()));
+    let copy = std::fs::read_to_string(tmp.path().join("cachepush-copy.1")).unwrap();
+    for want in [
+        "write\\-nar\\-listing",
+        "CACHEPUSH_SIGNING_KEY_FILE",
+        "skip\\-if\\-no\\-credentials",
+    ] {
+        assert!(copy.contains(want), "cachepush-copy.1 lacks {want}");
+    }
+    for page in [
+        "cachepush.1",
+        "cachepush-gateway.1",
+        "cachepush-verify.1",
+        "cachepush-keygen.1",
+    ] {
+        assert!(tmp.path().join(page).is_file(), "{page} missing");
+    }
     let o = cachepush().args(["completions", "tcsh"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
 }

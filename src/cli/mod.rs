@@ -27,7 +27,8 @@ use clap::{CommandFactory, Parser, Subcommand};
     name = "cachepush",
     version,
     about = "Publish Nix closures as a signed binary cache on S3-compatible storage or a directory",
-    propagate_version = true
+    propagate_version = true,
+    after_long_help = MANUAL_EXTRA
 )]
 struct Cli {
     #[command(subcommand)]
@@ -60,9 +61,36 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff), e.g. `cachepush man | man -l -`.
-    Man,
+    /// Print the manual page (roff), e.g. `cachepush man | man -l -`; with --dir, write
+    /// it and one page per subcommand (cachepush-copy.1, ...) into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
+
+/// What the main page says beyond the options: URLs, settings sources, exit statuses.
+const MANUAL_EXTRA: &str = "\
+CACHE URLS
+  s3://BUCKET[/PREFIX]?endpoint=URL&region=R&profile=P&addressing-style=path|virtual|auto
+    &compression=zstd|xz|none&secret-key=FILE&write-nar-listing=true&priority=N
+    &want-mass-query=true|false   (endpoint: the server's base URL, http(s)://HOST[:PORT])
+  file:///DIR?compression=...&secret-key=...&write-nar-listing=...&priority=...
+
+SETTINGS
+  A flag wins over its CACHEPUSH_* environment variable, which wins over the URL's
+  parameter, which wins over cachepush.toml (found from the current directory upwards, then
+  ~/.config/cachepush/config.toml). Credentials come from the AWS chain (AWS_* variables,
+  profiles, SSO, web identity); a profile named with --profile or profile= is used alone.
+  Each subcommand's page (cachepush-copy(1), ...) lists its flags and their variables;
+  `cachepush man --dir DIR` writes them all.
+
+EXIT STATUS
+  0    everything asked for was done
+  1    some paths could not be published (each is listed with the reason)
+  2    bad input or configuration (a key, a path, a URL, a flag); nothing was written
+  3    the target could not be reached or written before any path was sent
+  130  interrupted (Ctrl-C, SIGTERM); uploads aborted, nothing half-published";
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -84,7 +112,7 @@ pub fn main() -> ExitCode {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => man(),
+        Command::Man { dir } => man(dir),
         Command::Verify(a) => verify::run(*a),
     };
     match result {
@@ -102,7 +130,18 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn man() -> Result<ExitCode, Failure> {
+fn man(dir: Option<std::path::PathBuf>) -> Result<ExitCode, Failure> {
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir))
+            .map_err(|e| {
+                Failure::input(format!(
+                    "writing the manual pages to {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut out = Vec::new();
     clap_mangen::Man::new(Cli::command())
         .render(&mut out)
