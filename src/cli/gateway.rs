@@ -235,8 +235,8 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
             let signer = Countersigner::new(key, require_by, sign_unverified)
                 .map_err(|e| Failure::input(e.to_string()))?;
             if sign_unverified {
-                eprintln!(
-                    "warning: --sign-unverified: every narinfo in the bucket gets the gateway's signature; anyone who can write to the bucket can make clients install anything"
+                cachepush::gateway::response::log(
+                    "warning: --sign-unverified: every narinfo in the bucket gets the gateway's signature; anyone who can write to the bucket can make clients install anything",
                 );
             }
             Some(signer)
@@ -293,9 +293,9 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
     let max_connections = match open_files {
         Some(n) if (wanted as u64).saturating_add(256) > n => {
             let fit = n.saturating_sub(256).max(16) as usize;
-            eprintln!(
+            cachepush::gateway::response::log(&format!(
                 "warning: the open-file limit is {n}: serving at most {fit} connections instead of {wanted} (raise LimitNOFILE / ulimit -n)"
-            );
+            ));
             fit
         }
         _ => wanted,
@@ -333,9 +333,18 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         }
     }
     if cfg.auth.is_none() {
-        eprintln!(
-            "warning: no --htpasswd or --tokens: anyone who can reach the gateway can read the cache"
-        );
+        let everywhere = cfg.listen.iter().any(|l| match l {
+            Listen::Tcp(a) => a.ip().is_unspecified(),
+            Listen::Unix(_) => false,
+        });
+        cachepush::gateway::response::log(&format!(
+            "warning: no --htpasswd or --tokens: anyone who can reach the gateway can read the cache{}",
+            if everywhere {
+                " (it listens on every network interface)"
+            } else {
+                ""
+            }
+        ));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -348,12 +357,12 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         // so misses would be 502s: name the permission.
         match storage.check_health().await {
             Ok(()) => {}
-            Err(StorageError::Denied { message, .. }) => eprintln!(
+            Err(StorageError::Denied { message, .. }) => cachepush::gateway::response::log(&format!(
                 "warning: the bucket refused HeadBucket ({message}): the gateway's key needs s3:ListBucket as well as s3:GetObject, or every missing narinfo is answered 502"
-            ),
-            Err(e) => eprintln!(
+            )),
+            Err(e) => cachepush::gateway::response::log(&format!(
                 "warning: the cache is not usable now ({e}); serving anyway, with 5xx answers and /healthz reporting it until it is"
-            ),
+            )),
         }
         // An address that cannot be bound (in use, not ours) is the environment, not the
         // command line: exit 3, as for a target that cannot be reached.

@@ -57,11 +57,15 @@ fn warn_if_readable_by_others(path: &Path) {
     if let Ok(m) = std::fs::metadata(path) {
         let mode = m.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            eprintln!(
-                "warning: secret key file {} is readable by others (mode {mode:o}); run `chmod 600 {}`",
+            let text = format!(
+                "secret key file {} is readable by others (mode {mode:o}); run `chmod 600 {}`",
                 path.display(),
                 path.display()
             );
+            if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
+                eprintln!("::warning::{}", super::output::gha_escape(&text));
+            }
+            eprintln!("{} warning: {text}", cachepush::timestamp());
         }
     }
 }

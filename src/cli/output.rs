@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -34,15 +34,7 @@ struct Bars {
     uploads: Mutex<HashMap<String, ProgressBar>>,
 }
 
-/// `HH:MM:SS` in UTC, enough to read a CI log without pulling in a date library.
-fn timestamp() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        % 86_400;
-    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
-}
+use cachepush::timestamp;
 
 impl Output {
     pub fn new(level: Level) -> Self {

@@ -365,8 +365,11 @@ impl Pusher {
         } else {
             settings.upstream.clone()
         };
+        // CACHEPUSH_UPSTREAM may list several, separated by spaces or commas.
         let upstreams = upstream_urls
             .iter()
+            .flat_map(|u| u.split([',', ' ']))
+            .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(|u| Upstream::new(u).map_err(|e| Failure::input(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;

@@ -6,13 +6,9 @@ use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
-/// One log line on stderr, stamped with seconds since the epoch.
+/// One log line on stderr, stamped as every cachepush log line is ([`crate::timestamp`]).
 pub fn log(line: &str) {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    eprintln!("{secs:.3} {line}");
+    eprintln!("{} {line}", crate::timestamp());
 }
 
 pub fn full(b: impl Into<Bytes>) -> Body {
