@@ -222,6 +222,24 @@ fn keygen_and_key_mistakes_get_true_messages() {
     assert_one_error(&o, "this is a public key");
     assert!(!stderr_of(&o).contains("chmod"), "{}", stderr_of(&o));
 
+    // A key path that is not there says where it came from.
+    let missing = tmp.path().join("no-such.sk");
+    let url = format!("file://{}", tmp.path().join("never").display());
+    for (flag, source) in [
+        (true, "(from --signing-key)"),
+        (false, "(from CACHEPUSH_SIGNING_KEY_FILE)"),
+    ] {
+        let mut c = cachepush();
+        c.args(["copy", "--to", &url]);
+        if flag {
+            c.arg("--signing-key").arg(&missing);
+        } else {
+            c.env("CACHEPUSH_SIGNING_KEY_FILE", &missing);
+        }
+        let o = c.arg(shared_top()).output().unwrap();
+        assert_one_error(&o, source);
+    }
+
     // The secret from a CI variable, pasted with whitespace around it.
     let secret = std::fs::read_to_string(&home_key).unwrap();
     let cache = tmp.path().join("cache");

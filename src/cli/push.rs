@@ -222,8 +222,23 @@ fn signing_key(
     url: &TargetUrl,
     file: &FileSettings,
 ) -> Result<Option<SecretKey>, Failure> {
+    // Each error says where the path came from: a later page's key path that does not
+    // exist here is easier to find that way.
+    let from = |path: &std::path::Path, source: &str| {
+        read_secret_key(path).map(Some).map_err(|mut f| {
+            f.message.push_str(&format!(" (from {source})"));
+            f
+        })
+    };
     if let Some(path) = &s.signing_key {
-        return read_secret_key(path).map(Some);
+        let source = if std::env::var_os("CACHEPUSH_SIGNING_KEY_FILE")
+            .is_some_and(|v| std::path::Path::new(&v) == path)
+        {
+            "CACHEPUSH_SIGNING_KEY_FILE"
+        } else {
+            "--signing-key"
+        };
+        return from(path, source);
     }
     if let Ok(text) = std::env::var("CACHEPUSH_SIGNING_KEY") {
         let text = zeroize::Zeroizing::new(text);
@@ -241,10 +256,10 @@ fn signing_key(
             .map_err(|e| Failure::input(format!("CACHEPUSH_SIGNING_KEY: {e}")));
     }
     if let Some(p) = url.param("secret-key") {
-        return read_secret_key(&PathBuf::from(p)).map(Some);
+        return from(&PathBuf::from(p), "the cache URL's secret-key=");
     }
     match &file.signing_key_file {
-        Some(p) => read_secret_key(p).map(Some),
+        Some(p) => from(p, "signing-key-file in cachepush.toml"),
         None => Ok(None),
     }
 }
