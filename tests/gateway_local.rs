@@ -296,6 +296,11 @@ fn credentials_reload_on_change_and_sighup_and_401s_say_why() {
     assert_eq!(status("bob", "bob-pw"), 401);
     assert_eq!(status("alice", "nope"), 401);
     assert_eq!(get(gw.addr, "/nix-cache-info").status, 401);
+    // The log is read as it comes: wait for the last of the four lines.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.log_text().contains("(no credentials)") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = gw.log_text();
     for why in [
         "(unknown user \"bob\")",
@@ -340,4 +345,48 @@ fn send_signal(pid: u32, signal: &str) {
         .status()
         .unwrap();
     assert!(ok.success());
+}
+
+/// A `--config` file may give `listen` as one string or a list, and the gateway's flags
+/// all have variables (`CACHEPUSH_GATEWAY_QUIET` silences the access log).
+#[test]
+fn a_config_file_takes_one_listen_address_as_a_string() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = filled_cache(tmp.path());
+    let config = tmp.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "from = \"file://{}\"\nlisten = \"127.0.0.1:0\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut c = cachepush();
+    c.args(["gateway", "--config"]).arg(&config);
+    c.env("CACHEPUSH_GATEWAY_QUIET", "true");
+    let gw = Gateway::start(c);
+    assert_eq!(get(gw.addr, "/nix-cache-info").status, 200);
+    assert!(
+        !gw.log_text().contains("GET /nix-cache-info"),
+        "{}",
+        gw.log_text()
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "from = \"file://{}\"\nlisten = [\"127.0.0.1:0\"]\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut c = cachepush();
+    c.args(["gateway", "--config"]).arg(&config);
+    let gw = Gateway::start(c);
+    assert_eq!(get(gw.addr, "/nix-cache-info").status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.log_text().contains("GET /nix-cache-info") {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -124,18 +124,37 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "MODE", env = "CACHEPUSH_GATEWAY_CACHE_CONTROL")]
     cache_control: Option<String>,
     /// No access log lines (errors are still logged).
-    #[arg(short, long)]
+    #[arg(short, long, env = "CACHEPUSH_GATEWAY_QUIET",
+          value_parser = clap::builder::BoolishValueParser::new())]
     quiet: bool,
     #[command(flatten)]
     s3: S3Args,
 }
 
 /// The settings a config file may hold; the same names as the flags.
+/// `listen = "127.0.0.1:8080"` or `listen = ["127.0.0.1:8080", "[::1]:8080"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
     from: Option<String>,
-    listen: Option<Vec<String>>,
+    /// One address as a string, or a list of them.
+    listen: Option<OneOrMany>,
     nar_delivery: Option<String>,
     presign_ttl: Option<u64>,
     narinfo_ttl: Option<u64>,
@@ -169,7 +188,7 @@ fn pick<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
 }
 
 pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
-    let file = match &a.config {
+    let mut file = match &a.config {
         Some(p) => super::config::read_toml::<FileConfig>(p)?,
         None => FileConfig::default(),
     };
@@ -199,7 +218,8 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         a.listen.clone()
     } else {
         file.listen
-            .clone()
+            .take()
+            .map(OneOrMany::into_vec)
             .unwrap_or_else(|| vec!["127.0.0.1:8080".into()])
     };
     let listen = listen_text
