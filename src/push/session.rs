@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use thiserror::Error;
 
 use super::{Event, Plan, PlanOptions, PushOptions, Report, execute, plan};
@@ -242,23 +243,14 @@ impl<S: Storage> Session<S> {
             .collect();
         drvs.sort();
         drvs.dedup();
-        for drv in drvs {
-            let key = layout::log_key(&drv.to_string());
-            let res: Result<bool, String> = async {
-                let text = |e: StorageError| e.to_string();
-                if self.storage.head(&key).await.map_err(text)?.is_some() {
-                    return Ok(false);
-                }
-                let Some(log) = self.store.read_log(&drv).await.map_err(|e| e.to_string())? else {
-                    return Ok(false);
-                };
-                self.storage
-                    .put(&key, content_type::LOG, Bytes::from(log))
-                    .await
-                    .map_err(text)?;
-                Ok(true)
-            }
+        // A few at once: each is a HEAD, a `nix-store --read-log` and a PUT; memory is
+        // bounded by that many logs.
+        let results: Vec<(StorePath, Result<bool, String>)> = futures::stream::iter(drvs)
+            .map(|drv| self.upload_log(drv))
+            .buffer_unordered(LOG_UPLOADS)
+            .collect()
             .await;
+        for (drv, res) in results {
             match res {
                 Ok(true) => report.logs += 1,
                 Ok(false) => {}
@@ -266,7 +258,31 @@ impl<S: Storage> Session<S> {
             }
         }
     }
+
+    /// One derivation's log: `Ok(false)` when the cache has it or the store has none.
+    async fn upload_log(&self, drv: StorePath) -> (StorePath, Result<bool, String>) {
+        let key = layout::log_key(&drv.to_string());
+        let text = |e: StorageError| e.to_string();
+        let res = async {
+            if self.storage.head(&key).await.map_err(text)?.is_some() {
+                return Ok(false);
+            }
+            let Some(log) = self.store.read_log(&drv).await.map_err(|e| e.to_string())? else {
+                return Ok(false);
+            };
+            self.storage
+                .put(&key, content_type::LOG, Bytes::from(log))
+                .await
+                .map_err(text)?;
+            Ok(true)
+        }
+        .await;
+        (drv, res)
+    }
 }
+
+/// Build logs uploaded at once (`--logs`).
+const LOG_UPLOADS: usize = 8;
 
 /// Creates `nix-cache-info` when missing; refuses a cache made for another store directory.
 /// With `priority` / `want_mass_query` given, updates an existing file that says otherwise
