@@ -51,6 +51,7 @@ impl Refusal {
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             // Traversal, bad hashes, invalid UTF-8: the request is wrong, not absent.
             Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            // Longer than any route: refused before it is parsed.
             Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
             // The one answer Nix takes as "this path is not in the cache".
             Refusal::NotFound | Refusal::NoSigningKey => StatusCode::NOT_FOUND,
@@ -58,12 +59,17 @@ impl Refusal {
             Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
             // The credential was not checked: never 401, which would read as "wrong".
             Refusal::AuthBusy => StatusCode::SERVICE_UNAVAILABLE,
+            // This address failed too often: slow down (with Retry-After).
             Refusal::AuthLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            // RFC 9110: a range starting past the end, or the empty suffix.
             Refusal::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             // The bucket holds something unusable: the upstream's fault, not the client's.
             Refusal::UnusableNarinfo | Refusal::StorageFailed => StatusCode::BAD_GATEWAY,
+            // No answer in time: clients and proxies retry a 504.
             Refusal::StorageTimeout => StatusCode::GATEWAY_TIMEOUT,
+            // Unreachable or overloaded storage: temporary.
             Refusal::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            // Our own fault (a response that could not be built).
             Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
