@@ -272,8 +272,13 @@ def wrk(url, conns, secs, headers=()):
     tm = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", out)
     mbps = float(tm.group(1)) * {"B": 1e-6, "KB": 1.024e-3, "MB": 1.048576, "GB": 1073.741824}[tm.group(2)] if tm else None
     codes = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"), "MBps": mbps,
-            "requests": int(total.group(1)), "non_2xx_3xx": int(codes.group(1)) if codes else 0}
+    n = int(total.group(1))
+    # A percentile needs samples to mean anything (wrk prints 0.00us for too few): the
+    # median needs a handful, the 99th a hundred.
+    p50 = lat.get("50") if n >= 10 and lat.get("50") else None
+    p99 = lat.get("99") if n >= 100 and lat.get("99") else None
+    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "MBps": mbps,
+            "requests": n, "non_2xx_3xx": int(codes.group(1)) if codes else 0}
 
 
 def expect(name, r, errors):
@@ -567,8 +572,9 @@ def report(r, short):
             L.append(f"| {w} ({x['paths']} paths) | {fmt(c['wall'])} | {req} (pushed {c['pushed']}) | {fmt(x['W4']['nix_copy_then_sync']['wall'])} |")
     L += ["", "## Gateway", "", "| measurement | requests/s | p50 | p99 | MB/s |", "|---|---|---|---|---|"]
     for k, g in r["gateway"].items():
-        p50 = f"{g['p50_ms']:.3f} ms" if g["p50_ms"] is not None else "–"
-        p99 = f"{g['p99_ms']:.3f} ms" if g["p99_ms"] is not None else "–"
+        few = f"too few samples ({g['requests']})"
+        p50 = f"{g['p50_ms']:.3f} ms" if g["p50_ms"] is not None else few
+        p99 = f"{g['p99_ms']:.3f} ms" if g["p99_ms"] is not None else few
         mb = f"{g['MBps']:.0f}" if g["MBps"] else "–"
         L.append(f"| {k} | {g['rps']:.0f} | {p50} | {p99} | {mb} |")
     L += targets(r)
