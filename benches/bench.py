@@ -505,7 +505,7 @@ def targets(r):
     hit = g.get("narinfo hit, no auth, c=64")
     if hit:
         p50 = g["narinfo hit, no auth, c=1"]["p50_ms"]
-        row("gateway: warm narinfo p50 under 1 ms", f"{p50:.3f} ms", p50 is not None and p50 < 1)
+        row("gateway: warm narinfo p50 under 1 ms", f"{p50:.3f} ms" if p50 is not None else "too few samples", p50 is not None and p50 < 1)
         row("gateway: over 5,000 narinfo requests/s at c=64", f"{hit['rps']:.0f}/s", hit["rps"] > 5000)
         auth = g["narinfo hit, basic auth, c=64"]["rps"]
         cost = 1 - auth / hit["rps"]
