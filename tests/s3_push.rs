@@ -423,6 +423,26 @@ fn paths_served_upstream_or_signed_by_a_named_key_are_skipped() {
         stderr_of(&out)
     );
 
+    // CACHEPUSH_UPSTREAM may list several upstreams with commas (or spaces): the one that
+    // serves dep is asked, and so is the unreachable one.
+    let mut c = cachepush();
+    c.env(
+        "CACHEPUSH_UPSTREAM",
+        format!("http://127.0.0.1:9,{upstream}"),
+    )
+    .args(["copy", "--json", "--to"])
+    .arg(format!("file://{}", tmp.path().join("commas").display()))
+    .arg("--signing-key")
+    .arg(&sk)
+    .arg(&top);
+    let out = run_ok(&mut c);
+    assert_eq!(json(&out)["upstream"], 1, "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("127.0.0.1:9"),
+        "{}",
+        stderr_of(&out)
+    );
+
     // An upstream that cannot be reached costs a warning or two, not the push, and is
     // not asked again for each path: it is marked down.
     let out = file_push("b", &["--upstream", "http://127.0.0.1:9/"]);
