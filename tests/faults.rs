@@ -1274,7 +1274,7 @@ fn multipart_abort_paths(s3: &S3) {
     let o = push(s3, &proxy.endpoint(), &bucket, &sk, &args, &top);
     assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
     assert!(
-        stderr_of(&o).contains("1 multipart uploads could not be aborted"),
+        stderr_of(&o).contains("1 multipart upload could not be aborted"),
         "{}",
         stderr_of(&o)
     );
