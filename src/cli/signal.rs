@@ -6,15 +6,21 @@
 /// SIGQUIT, whichever comes first: each would otherwise kill the process on the spot and
 /// leave its multipart uploads open (security review L3).
 pub async fn interrupted() {
+    ctrl_c_or(&["terminate", "hangup", "quit"]).await
+}
+
+/// Resolves on Ctrl-C or on the first of the named Unix signals.
+async fn ctrl_c_or(names: &[&str]) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let kinds = [
-            SignalKind::terminate(),
-            SignalKind::hangup(),
-            SignalKind::quit(),
-        ];
-        let mut streams: Vec<_> = kinds.into_iter().filter_map(|k| signal(k).ok()).collect();
+        let kinds = names.iter().filter_map(|n| match *n {
+            "terminate" => Some(SignalKind::terminate()),
+            "hangup" => Some(SignalKind::hangup()),
+            "quit" => Some(SignalKind::quit()),
+            _ => None,
+        });
+        let mut streams: Vec<_> = kinds.filter_map(|k| signal(k).ok()).collect();
         if streams.is_empty() {
             let _ = tokio::signal::ctrl_c().await;
             return;
@@ -27,6 +33,7 @@ pub async fn interrupted() {
     }
     #[cfg(not(unix))]
     {
+        let _ = names;
         let _ = tokio::signal::ctrl_c().await;
     }
 }
@@ -65,27 +72,7 @@ pub async fn until_stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// Resolves on Ctrl-C (SIGINT), SIGTERM or SIGQUIT: a server's stop signals. SIGHUP is not
 /// one of them (for the gateway it means "reload", as for most daemons).
 pub async fn terminated() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut streams: Vec<_> = [SignalKind::terminate(), SignalKind::quit()]
-            .into_iter()
-            .filter_map(|k| signal(k).ok())
-            .collect();
-        if streams.is_empty() {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-        let others = futures::future::select_all(streams.iter_mut().map(|s| Box::pin(s.recv())));
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = others => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    ctrl_c_or(&["terminate", "quit"]).await
 }
 
 /// Each SIGHUP, as a stream (none where the signal cannot be listened for).
