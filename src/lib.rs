@@ -16,6 +16,7 @@
 pub mod compression;
 pub mod format;
 pub mod gateway;
+pub mod gc;
 pub mod push;
 pub mod storage;
 pub mod store;
@@ -47,6 +48,12 @@ pub fn timestamp() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     rfc3339(d.as_secs(), d.subsec_millis())
+}
+
+/// A time in seconds since the Unix epoch, as [`timestamp`] prints times (without ms).
+pub fn timestamp_of(secs: i64) -> String {
+    let t = rfc3339(secs.max(0) as u64, 0);
+    t.replace(".000Z", "Z")
 }
 
 /// `secs` after the Unix epoch as an RFC 3339 UTC time (civil-from-days, H. Hinnant).

@@ -144,6 +144,7 @@ fn config(addr: SocketAddr, auth: Option<Auth>) -> GatewayConfig {
         max_connections: 64,
         auth_failures_per_minute: 30,
         cache_control: CacheControl::Auto,
+        record_access: None,
     }
 }
 

@@ -7,6 +7,8 @@
 
 use std::process::ExitCode;
 
+use cachepush::gc::GcError;
+use cachepush::gc::pins::PinError;
 use cachepush::push::PushError;
 use cachepush::storage::OpenError;
 use cachepush::storage::StorageError;
@@ -53,6 +55,7 @@ impl From<PushError> for Failure {
             // Nothing was written; the target is unreachable, refuses, or is broken.
             PushError::Plan { .. }
             | PushError::Write { .. }
+            | PushError::Lease { .. }
             | PushError::CacheInfoUnreadable { .. } => Failure::target(text),
             // The URL names a cache for another store: the URL is what is wrong.
             PushError::OtherStore { .. } => Failure::input(text),
@@ -101,6 +104,33 @@ impl From<DrainError<Failure>> for Failure {
             }
             DrainError::Scan(e) => Failure::input(format!("cannot list the store: {e}")),
             DrainError::Store(s) => Failure::input(s.to_string()),
+        }
+    }
+}
+
+impl From<GcError> for Failure {
+    fn from(e: GcError) -> Self {
+        let text = e.to_string();
+        match e {
+            GcError::Storage(StorageError::Config(_)) => Failure::input(text),
+            // The cache could not be read or written, or another gc holds it.
+            GcError::Storage(_) | GcError::Record(_) | GcError::AnotherGc { .. } => {
+                Failure::target(text)
+            }
+        }
+    }
+}
+
+impl From<PinError> for Failure {
+    fn from(e: PinError) -> Self {
+        let text = e.to_string();
+        match e {
+            PinError::BadName(_)
+            | PinError::BadPath(_)
+            | PinError::NotInCache { .. }
+            | PinError::NoSuchPin { .. } => Failure::input(text),
+            PinError::Storage(StorageError::Config(_)) => Failure::input(text),
+            PinError::Storage(_) | PinError::Record(_) => Failure::target(text),
         }
     }
 }

@@ -127,6 +127,15 @@ pub struct GatewayArgs {
     #[arg(short, long, env = "CACHEPUSH_GATEWAY_QUIET",
           value_parser = clap::builder::BoolishValueParser::new())]
     quiet: bool,
+    /// Record which store paths are read through the gateway, in the bucket
+    /// (`cachepush/reads/`), so that `gc --keep-read-days` keeps them. Needs write access.
+    #[arg(long, env = "CACHEPUSH_GATEWAY_RECORD_ACCESS",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    record_access: bool,
+    /// How often --record-access writes a record (at most one request per interval).
+    #[arg(long, value_name = "DURATION", env = "CACHEPUSH_GATEWAY_RECORD_INTERVAL",
+          value_parser = super::gc::parse_duration)]
+    record_interval: Option<i64>,
     #[command(flatten)]
     s3: S3Args,
 }
@@ -176,6 +185,8 @@ struct FileConfig {
     auth_failures_per_minute: Option<u32>,
     cache_control: Option<String>,
     quiet: Option<bool>,
+    record_access: Option<bool>,
+    record_interval: Option<String>,
     endpoint: Option<String>,
     region: Option<String>,
     profile: Option<String>,
@@ -320,7 +331,19 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         }
         _ => wanted,
     };
+    let record_interval = match (a.record_interval, &file.record_interval) {
+        (Some(s), _) => s,
+        (None, Some(text)) => super::gc::parse_duration(text)
+            .map_err(|e| Failure::input(format!("record-interval in the config file: {e}")))?,
+        (None, None) => 60,
+    };
+    if record_interval < 1 {
+        return Err(Failure::input("--record-interval must be at least 1s"));
+    }
+    let record_access = (a.record_access || file.record_access.unwrap_or(false))
+        .then(|| Duration::from_secs(record_interval as u64));
     let cfg = GatewayConfig {
+        record_access,
         auth_files,
         listen,
         delivery,

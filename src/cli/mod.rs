@@ -6,6 +6,7 @@
 mod config;
 mod failure;
 mod gateway;
+mod gc;
 mod keys;
 mod output;
 mod push;
@@ -56,6 +57,12 @@ enum Command {
     PostBuildHook(watch::HookArgs),
     /// Check a whole cache: every narinfo, its NAR, its references and signatures.
     Verify(Box<verify::VerifyArgs>),
+    /// Delete what no pin, recent push or recent read keeps, closures whole (docs/gc.md).
+    Gc(Box<gc::GcArgs>),
+    /// Name store paths gc must keep, with their closures.
+    Pin(gc::PinArgs),
+    /// What the cache holds, by age, pin and compression, and what gc would free.
+    Stats(Box<gc::StatsArgs>),
     /// Print shell completions: bash, zsh, fish, elvish or powershell.
     Completions {
         #[arg(value_enum)]
@@ -114,6 +121,9 @@ pub fn main() -> ExitCode {
         }
         Command::Man { dir } => man(dir),
         Command::Verify(a) => verify::run(*a),
+        Command::Gc(a) => gc::run_gc(*a),
+        Command::Pin(a) => gc::run_pin(a),
+        Command::Stats(a) => gc::run_stats(*a),
     };
     match result {
         Ok(code) => code,

@@ -6,7 +6,10 @@
 //! - `<hash>.narinfo` at the top, one per store path (`<hash>` is the store path's hash part);
 //! - `nar/<filehash or narhash>.nar[.zst|.xz]`, named by hash so the bytes never change;
 //! - `<hash>.ls` (NAR listings) and `log/<drv name>` (build logs), which Nix also writes;
-//! - `realisations/<id>.doi` and `debuginfo/<build id>`, which some Nix setups write.
+//! - `realisations/<id>.doi` and `debuginfo/<build id>`, which some Nix setups write;
+//! - `cachepush/`: what gc keeps between runs and what push and the gateway tell it (pins,
+//!   push records, read records, the index, the running gc's marker). Nix never reads it,
+//!   and the gateway serves none of it.
 
 use crate::format::{Sha256, StorePath};
 
@@ -61,6 +64,39 @@ pub fn debuginfo_key(build_id: &str) -> String {
     format!("debuginfo/{build_id}")
 }
 
+/// The folder of cachepush's own bookkeeping (see [`pin_key`] and below).
+pub const META_DIR: &str = "cachepush/";
+
+/// The folder of pins, one object per name.
+pub const PINS_DIR: &str = "cachepush/pins/";
+
+/// A pin: the store paths kept under `name`, with their last revisions.
+pub fn pin_key(name: &str) -> String {
+    format!("{PINS_DIR}{name}.json")
+}
+
+/// The pin name a key in [`PINS_DIR`] holds.
+pub fn pin_name(key: &str) -> Option<&str> {
+    key.strip_prefix(PINS_DIR)?.strip_suffix(".json")
+}
+
+/// Push records: each push's closure, a lease while it runs and a recency record after.
+pub const PUSHES_DIR: &str = "cachepush/pushes/";
+
+/// Read records: store paths the gateway served, batched.
+pub const READS_DIR: &str = "cachepush/reads/";
+
+/// A record in `dir`, named so that keys sort by time.
+pub fn record_key(dir: &str, at: i64, id: &str) -> String {
+    format!("{dir}{at:012}-{id}.json")
+}
+
+/// gc's index of narinfos (references, NAR key, sizes), keyed by each narinfo's ETag.
+pub const GC_INDEX: &str = "cachepush/gc-index.json.zst";
+
+/// Present while a gc runs: pushes read it to learn whether the gc has seen their lease.
+pub const GC_MARKER: &str = "cachepush/gc-running.json";
+
 /// Content types as Nix's own binary-cache stores set them.
 pub mod content_type {
     pub const CACHE_INFO: &str = "text/x-nix-cache-info";
@@ -68,6 +104,8 @@ pub mod content_type {
     pub const NAR: &str = "application/x-nix-nar";
     pub const LISTING: &str = "application/json";
     pub const LOG: &str = "text/plain; charset=utf-8";
+    pub const JSON: &str = "application/json";
+    pub const ZSTD: &str = "application/zstd";
 }
 
 #[cfg(test)]
@@ -83,6 +121,12 @@ mod tests {
         assert_eq!(narinfo_hash(CACHE_INFO), None);
         assert_eq!(listing_key(h), format!("{h}.ls"));
         assert_eq!(log_key("abc-x.drv"), "log/abc-x.drv");
+        assert_eq!(pin_name(&pin_key("release")), Some("release"));
+        assert_eq!(pin_name("cachepush/pins/x"), None);
+        assert_eq!(
+            record_key(PUSHES_DIR, 1_700_000_000, "ab"),
+            "cachepush/pushes/001700000000-ab.json"
+        );
         let zero = Sha256::from_bytes([0; 32]);
         assert_eq!(
             nar_key(&zero, ".nar.zst"),

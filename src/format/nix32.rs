@@ -7,7 +7,7 @@
 
 use thiserror::Error;
 
-const ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
+pub const ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
 /// Why a nix32 string could not be decoded.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -96,6 +96,8 @@ pub struct GatewayConfig {
     /// Failed password checks a peer may cause per minute (0: no per-peer limit).
     pub auth_failures_per_minute: u32,
     pub cache_control: CacheControl,
+    /// `--record-access`: write which paths were served to the bucket this often, for gc.
+    pub record_access: Option<Duration>,
 }
 
 /// Whether shared caches (CDNs, proxies) may store responses.

@@ -40,6 +40,7 @@ pub struct State<S> {
     pub(super) cache: SmallCache,
     pub(super) metrics: Metrics,
     pub(super) public_key: Option<String>,
+    pub(super) access: Option<super::access::AccessRecorder>,
 }
 
 impl<S: Storage> State<S> {
@@ -60,6 +61,7 @@ impl<S: Storage> State<S> {
             cache: SmallCache::new(cfg.cache_entries, cfg.narinfo_ttl, cfg.negative_ttl),
             metrics: Metrics::default(),
             public_key,
+            access: cfg.record_access.map(super::access::AccessRecorder::new),
             cfg,
         }
     }

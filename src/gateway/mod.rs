@@ -18,6 +18,7 @@
 //! caches an outage as "absent" ([`error`] holds every status decision). Error bodies are
 //! generic; details go to the log. Connections, limits and shutdown are [`server`]'s.
 
+pub mod access;
 pub mod auth;
 pub mod cache;
 pub mod config;

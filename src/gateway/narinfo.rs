@@ -121,7 +121,12 @@ impl<S: Storage> State<S> {
     pub(super) async fn narinfo(&self, route: &Route, req: &Request<Incoming>) -> Response<Body> {
         let key = route.object_key().unwrap_or_default();
         match self.small_object(route, &key).await {
-            Ok(Some(b)) => self.revalidated(req, b, content_type::NARINFO, "max-age=60"),
+            Ok(Some(b)) => {
+                if let (Some(a), Some(hash)) = (&self.access, layout::narinfo_hash(&key)) {
+                    a.record(hash);
+                }
+                self.revalidated(req, b, content_type::NARINFO, "max-age=60")
+            }
             Ok(None) => {
                 // Remembered by clients and CDNs for as long as a hit: a path pushed a
                 // minute later is found a minute later.

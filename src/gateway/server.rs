@@ -251,6 +251,7 @@ pub async fn serve_reloading<S: Storage>(
 ) -> Result<(), GatewayError> {
     let state = Arc::new(State::new(cfg, storage));
     let reloader = tokio::spawn(reload_auth_files(state.clone(), reload));
+    let recorder = tokio::spawn(write_access_records(state.clone()));
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Conn, Peer)>(64);
     let mut acceptors = tokio::task::JoinSet::new();
@@ -410,6 +411,7 @@ pub async fn serve_reloading<S: Storage>(
     }
     acceptors.abort_all();
     reloader.abort();
+    recorder.abort();
     log("shutting down: waiting for requests in flight");
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
@@ -421,6 +423,14 @@ pub async fn serve_reloading<S: Storage>(
         if let Listen::Unix(p) = l {
             let _ = std::fs::remove_file(p);
         }
+    }
+    // What was read since the last record, so a restart loses none of it.
+    if let Some(rec) = &state.access
+        && let Err(e) = rec.flush(&state.storage).await
+    {
+        log(&format!(
+            "--record-access: cannot write the last read record: {e}"
+        ));
     }
     Ok(())
 }
@@ -470,6 +480,29 @@ async fn reload_auth_files<S: Storage>(state: Arc<State<S>>, reload: Option<Relo
             Err(e) => log(&format!(
                 "error: reloading the credentials ({why}): {e}; the previous ones stay in use"
             )),
+        }
+    }
+}
+
+/// Writes the `--record-access` records once per interval, and once more at shutdown
+/// (see [`super::access`]).
+async fn write_access_records<S: Storage>(state: Arc<State<S>>) {
+    let Some(rec) = &state.access else {
+        return;
+    };
+    let mut dropped = 0;
+    loop {
+        tokio::time::sleep(rec.interval).await;
+        match rec.flush(&state.storage).await {
+            Ok(_) => {}
+            Err(e) => log(&format!("--record-access: cannot write a read record: {e}")),
+        }
+        if rec.dropped() > dropped {
+            dropped = rec.dropped();
+            log(&format!(
+                "--record-access: {dropped} paths not recorded so far: more distinct paths than {} were read within one interval",
+                super::access::MAX_PENDING
+            ));
         }
     }
 }

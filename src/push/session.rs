@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use super::{Event, Plan, PlanOptions, PushOptions, Report, execute, plan};
 use crate::format::{CacheInfo, StorePath, layout};
+use crate::gc::records::{GcMarker, Lease};
 use crate::storage::{Storage, StorageError, content_type};
 use crate::store::{LocalStore, StoreError};
 
@@ -34,6 +35,14 @@ pub enum PushError {
         target: String,
         #[source]
         source: StorageError,
+    },
+    /// The push record that tells gc what this push relies on could not be written or
+    /// the gc marker read: nothing else was written.
+    #[error("cannot record this push in {target} for gc: {source}")]
+    Lease {
+        target: String,
+        #[source]
+        source: crate::gc::records::RecordError,
     },
     #[error("{target}: existing nix-cache-info is unreadable: {reason}")]
     CacheInfoUnreadable { target: String, reason: String },
@@ -124,6 +133,10 @@ pub trait Observer: Sync {
     fn notice(&mut self, text: &str) {
         let _ = text;
     }
+    /// A gc is deleting and has not seen this push's lease yet: the push waits for it.
+    fn waiting_for_gc(&mut self, marker: &GcMarker) {
+        let _ = marker;
+    }
 }
 
 /// Ignores everything.
@@ -171,17 +184,62 @@ impl<S: Storage> Session<S> {
     ) -> Result<Outcome, PushError> {
         let storage = &self.storage;
         let closure = self.store.query(&req.roots, req.closure).await?;
-        let plan = plan(&**storage, closure, &self.plan_opts)
+        if req.dry_run {
+            let plan = self.plan(closure).await?;
+            observer.planned(&plan);
+            return Ok(Outcome::Planned {
+                counts: PlanCounts::of(&plan),
+            });
+        }
+        // The lease comes before the plan: what the plan finds present, gc keeps until
+        // the lease is released (docs/gc.md).
+        let lease_err = |source| PushError::Lease {
+            target: storage.describe(),
+            source,
+        };
+        let lease = Lease::take(
+            &**storage,
+            closure
+                .iter()
+                .map(|p| (p.path.hash_part().to_owned(), p.nar_hash.nix32())),
+        )
+        .await
+        .map_err(lease_err)?;
+        let run = async {
+            lease
+                .wait_for_gc(&**storage, |m| observer.waiting_for_gc(m))
+                .await
+                .map_err(lease_err)?;
+            self.run_planned(closure, observer, cancel).await
+        };
+        let outcome = tokio::select! {
+            r = run => r,
+            () = lease.keep_alive(&**storage) => unreachable!("keep_alive never ends"),
+        };
+        // Released whatever the outcome; one that fails expires on its own.
+        let _ = lease.release(&**storage).await;
+        outcome
+    }
+
+    async fn plan(&self, closure: Vec<crate::store::PathInfo>) -> Result<Plan, PushError> {
+        plan(&*self.storage, closure, &self.plan_opts)
             .await
             .map_err(|source| PushError::Plan {
-                target: storage.describe(),
+                target: self.storage.describe(),
                 source,
-            })?;
+            })
+    }
+
+    async fn run_planned(
+        &self,
+        closure: Vec<crate::store::PathInfo>,
+        observer: &mut impl Observer,
+        cancel: impl Future<Output = ()>,
+    ) -> Result<Outcome, PushError> {
+        let storage = &self.storage;
+        let plan = self.plan(closure).await?;
         observer.planned(&plan);
         let counts = PlanCounts::of(&plan);
-        if req.dry_run {
-            return Ok(Outcome::Planned { counts });
-        }
         let settings = (self.push_opts.priority, self.push_opts.want_mass_query);
         if !plan.to_send.is_empty() || settings != (None, None) {
             if let Some(change) = ensure_cache_info(&**storage, &self.store, settings).await? {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{ByteRange, ObjectStream, Staged, Storage, StorageError, StreamOutcome};
+use super::{ByteRange, ObjectMeta, ObjectStream, Staged, Storage, StorageError, StreamOutcome};
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -307,28 +307,74 @@ impl Storage for LocalDir {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .list_meta(prefix, false)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
+    async fn list_meta(
+        &self,
+        prefix: &str,
+        shallow: bool,
+    ) -> Result<Vec<ObjectMeta>, StorageError> {
         let root = self.root.clone();
         let prefix = prefix.to_owned();
         blocking("list", &prefix.clone(), move || {
             let mut out = Vec::new();
             let mut dirs = vec![root.clone()];
             while let Some(d) = dirs.pop() {
-                for e in std::fs::read_dir(&d)? {
+                let entries = match std::fs::read_dir(&d) {
+                    Ok(e) => e,
+                    // A folder removed while we walk (a concurrent gc) holds nothing.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                for e in entries {
                     let e = e?;
                     let name = e.file_name().to_string_lossy().into_owned();
                     if name.starts_with(".tmp-") {
                         continue;
                     }
+                    let Ok(rel) = e
+                        .path()
+                        .strip_prefix(&root)
+                        .map(|r| r.to_string_lossy().into_owned())
+                    else {
+                        continue;
+                    };
+                    // Only walk into folders the prefix can reach.
                     if e.file_type()?.is_dir() {
-                        dirs.push(e.path());
-                    } else if let Ok(rel) = e.path().strip_prefix(&root) {
-                        let rel = rel.to_string_lossy().into_owned();
-                        if rel.starts_with(&prefix) {
-                            out.push(rel);
+                        let dir = format!("{rel}/");
+                        if (dir.starts_with(&prefix) && !shallow) || prefix.starts_with(&dir) {
+                            dirs.push(e.path());
                         }
+                        continue;
                     }
+                    if !rel.starts_with(&prefix) || (shallow && rel[prefix.len()..].contains('/')) {
+                        continue;
+                    }
+                    let m = match e.metadata() {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e),
+                    };
+                    let modified = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .unwrap_or_default();
+                    out.push(ObjectMeta {
+                        key: rel,
+                        size: m.len(),
+                        modified: modified.as_secs() as i64,
+                        etag: format!("{}-{}", m.len(), modified.as_nanos()),
+                    });
                 }
             }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(out)
         })
         .await

@@ -195,6 +195,34 @@ pub trait Storage: Send + Sync + 'static {
         }
     }
 
+    /// Objects whose keys start with `prefix`, with size, modification time and tag, in
+    /// byte order; with `shallow`, keys with a further `/` after the prefix are left out.
+    /// What gc and stats list (one request per 1000 keys).
+    fn list_meta(
+        &self,
+        prefix: &str,
+        shallow: bool,
+    ) -> impl Future<Output = Result<Vec<ObjectMeta>, StorageError>> + Send {
+        let _ = shallow;
+        async move {
+            Err(StorageError::Unsupported {
+                op: "LIST",
+                key: prefix.to_owned(),
+                message: "this target cannot list objects with their dates".into(),
+            })
+        }
+    }
+
+    /// Aborts the multipart uploads under the cache's prefix, by anyone, that were started
+    /// before `cutoff` (seconds since the epoch); returns how many it aborted.
+    fn abort_uploads_started_before(
+        &self,
+        cutoff: i64,
+    ) -> impl Future<Output = Result<usize, StorageError>> + Send {
+        let _ = cutoff;
+        async { Ok(0) }
+    }
+
     /// Keys of multipart uploads started and neither completed nor aborted, by anyone.
     fn open_uploads(&self) -> impl Future<Output = Result<Vec<String>, StorageError>> + Send {
         async { Ok(Vec::new()) }
@@ -227,6 +255,18 @@ pub trait Storage: Send + Sync + 'static {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
+}
+
+/// One object as a listing shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Relative to the cache, as every other key.
+    pub key: String,
+    pub size: u64,
+    /// Last modified, in seconds since the Unix epoch.
+    pub modified: i64,
+    /// Changes whenever the bytes change (the S3 ETag; size and mtime for a directory).
+    pub etag: String,
 }
 
 /// One page of [`Storage::list_top_page`].

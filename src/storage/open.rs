@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use super::local::LocalStaged;
 use super::s3::S3Staged;
 use super::{
-    ByteRange, LocalDir, ObjectBytes, RequestStats, S3Bucket, S3Config, Staged, Storage,
-    StorageError, StreamOutcome, TopPage,
+    ByteRange, LocalDir, ObjectBytes, ObjectMeta, RequestStats, S3Bucket, S3Config, Staged,
+    Storage, StorageError, StreamOutcome, TopPage,
 };
 use crate::target::{TargetError, TargetUrl};
 
@@ -288,6 +288,18 @@ impl Storage for AnyStorage {
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         each!(self, s => s.list(prefix).await)
+    }
+
+    async fn list_meta(
+        &self,
+        prefix: &str,
+        shallow: bool,
+    ) -> Result<Vec<ObjectMeta>, StorageError> {
+        each!(self, s => s.list_meta(prefix, shallow).await)
+    }
+
+    async fn abort_uploads_started_before(&self, cutoff: i64) -> Result<usize, StorageError> {
+        each!(self, s => s.abort_uploads_started_before(cutoff).await)
     }
 
     async fn list_top_page(

@@ -42,8 +42,8 @@ use tokio::sync::{Semaphore, mpsc};
 use futures::StreamExt;
 
 use super::{
-    ByteRange, RequestCounters, RequestKind, RequestStats, Storage, StorageError, StreamOutcome,
-    TopPage,
+    ByteRange, ObjectMeta, RequestCounters, RequestKind, RequestStats, Storage, StorageError,
+    StreamOutcome, TopPage,
 };
 use crate::format::layout;
 
@@ -426,7 +426,7 @@ impl Storage for S3Bucket {
             .list_uploads()
             .await?
             .into_iter()
-            .map(|(k, _)| k)
+            .map(|(k, _, _)| k)
             .collect())
     }
 
@@ -434,7 +434,7 @@ impl Storage for S3Bucket {
         let open = self.list_uploads().await?;
         let n = open.len();
         futures::stream::iter(open)
-            .for_each_concurrent(8, |(key, id)| async move {
+            .for_each_concurrent(8, |(key, id, _)| async move {
                 abort_upload(self, &key, &id).await;
             })
             .await;
@@ -536,6 +536,19 @@ impl Storage for S3Bucket {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .list_meta(prefix, false)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
+    async fn list_meta(
+        &self,
+        prefix: &str,
+        shallow: bool,
+    ) -> Result<Vec<ObjectMeta>, StorageError> {
         let i = &self.inner;
         let full = i.object_key(prefix);
         let strip = if i.cfg.prefix.is_empty() {
@@ -552,6 +565,7 @@ impl Storage for S3Bucket {
                         .list_objects_v2()
                         .bucket(&i.cfg.bucket)
                         .prefix(&full)
+                        .set_delimiter(shallow.then(|| "/".to_owned()))
                         .set_continuation_token(token.clone())
                         .send()
                 })
@@ -559,7 +573,12 @@ impl Storage for S3Bucket {
                 .map_err(|c| to_error("LIST", prefix, c))?;
             for o in res.contents() {
                 if let Some(k) = o.key() {
-                    out.push(k.get(strip..).unwrap_or(k).to_owned());
+                    out.push(ObjectMeta {
+                        key: k.get(strip..).unwrap_or(k).to_owned(),
+                        size: o.size().map_or(0, |s| s.max(0) as u64),
+                        modified: o.last_modified().map_or(0, |t| t.secs()),
+                        etag: o.e_tag().unwrap_or_default().to_owned(),
+                    });
                 }
             }
             match res.next_continuation_token() {
@@ -568,5 +587,22 @@ impl Storage for S3Bucket {
             }
         }
         Ok(out)
+    }
+
+    async fn abort_uploads_started_before(&self, cutoff: i64) -> Result<usize, StorageError> {
+        let old: Vec<(String, String)> = self
+            .list_uploads()
+            .await?
+            .into_iter()
+            // An upload whose start the server does not report is never taken for old.
+            .filter(|u| u.2.is_some_and(|t| t < cutoff))
+            .map(|(k, id, _)| (k, id))
+            .collect();
+        Ok(futures::stream::iter(old)
+            .map(|(key, id)| async move { abort_upload(self, &key, &id).await })
+            .buffer_unordered(8)
+            .filter(|gone| std::future::ready(*gone))
+            .count()
+            .await)
     }
 }

@@ -12,9 +12,13 @@ use super::S3Bucket;
 use super::retry::to_error;
 use crate::storage::{RequestKind, Staged, Storage, StorageError};
 
+/// An open multipart upload: relative key, upload id, start time (seconds since the epoch).
+pub(super) type OpenUpload = (String, String, Option<i64>);
+
 impl S3Bucket {
-    /// Open multipart uploads under the prefix: (relative key, upload id).
-    pub(super) async fn list_uploads(&self) -> Result<Vec<(String, String)>, StorageError> {
+    /// Open multipart uploads under the prefix: (relative key, upload id, when it was
+    /// started in seconds since the epoch, if the server says).
+    pub(super) async fn list_uploads(&self) -> Result<Vec<OpenUpload>, StorageError> {
         let i = &self.inner;
         let prefix = i.object_key("");
         let strip = prefix.len();
@@ -35,7 +39,11 @@ impl S3Bucket {
                 .map_err(|c| to_error("ListMultipartUploads", "", c))?;
             for u in res.uploads() {
                 if let (Some(k), Some(id)) = (u.key(), u.upload_id()) {
-                    out.push((k.get(strip..).unwrap_or(k).to_owned(), id.to_owned()));
+                    out.push((
+                        k.get(strip..).unwrap_or(k).to_owned(),
+                        id.to_owned(),
+                        u.initiated().map(|t| t.secs()),
+                    ));
                 }
             }
             if res.is_truncated() == Some(true) {

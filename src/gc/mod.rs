@@ -1,0 +1,646 @@
+//! Garbage collection of a binary cache with the bucket alone: roots (pins, recent pushes,
+//! recent reads, running pushes' leases), their closures through `References`, and a sweep
+//! that never leaves a narinfo without its NAR or its references.
+//!
+//! Order of the sweep (docs/gc.md states the guarantees):
+//! 1. narinfos outside the live set, referrers before what they refer to, in batches; the
+//!    leases are read again before every batch, so a push that starts meanwhile adds its
+//!    closure to the live set before anything it relies on can go;
+//! 2. the index of what remains is saved, then the push and read records it now holds are
+//!    deleted;
+//! 3. NARs, `.ls` listings and `log/` objects that no remaining narinfo names, older than
+//!    the grace period and not named by a lease;
+//! 4. multipart uploads started before the grace period (and before every running push).
+//!
+//! A crash anywhere leaves a consistent cache: at worst objects a re-run deletes.
+
+pub mod index;
+pub mod pins;
+pub mod records;
+pub mod stats;
+
+use std::collections::{HashMap, HashSet};
+
+use futures::StreamExt;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::format::layout;
+use crate::storage::{RequestStats, Storage, StorageError};
+use index::{Catalog, Listed, read_records};
+use records::{GcMarker, PushRecord, RecordError, now, read_json, write_json};
+
+/// What gc keeps and how it goes about it.
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    /// Narinfos written or pushed within this many days are roots (0: none by recency).
+    pub keep_days: u64,
+    /// Narinfos read through a recording gateway within this many days are roots.
+    pub keep_read_days: u64,
+    /// Unreferenced NARs (and listings, logs, multipart uploads) younger than this stay.
+    pub grace_secs: i64,
+    pub dry_run: bool,
+    /// Stop after this many deletions (objects of the cache, records not counted).
+    pub max_delete: Option<u64>,
+    /// Deletions in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            keep_days: 30,
+            keep_read_days: 30,
+            grace_secs: 6 * 3600,
+            dry_run: false,
+            max_delete: None,
+            concurrency: 32,
+        }
+    }
+}
+
+/// Narinfos deleted per batch: the leases are read again between batches.
+const BATCH: usize = 500;
+
+#[derive(Debug, Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(
+        "another gc is running on {target} (started {started} on host {host:?}, pid {pid}); run one gc at a time"
+    )]
+    AnotherGc {
+        target: String,
+        started: String,
+        host: String,
+        pid: u32,
+    },
+}
+
+/// Why the roots were kept, in store paths (before closing over references).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Roots {
+    pub pinned: usize,
+    pub recent: usize,
+    pub read: usize,
+    pub leased: usize,
+    pub unreadable: usize,
+}
+
+/// What one gc did (or, in a dry run, would do).
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub deleted_narinfos: u64,
+    pub deleted_nars: u64,
+    pub deleted_listings: u64,
+    pub deleted_logs: u64,
+    pub deleted_records: u64,
+    pub kept_narinfos: u64,
+    /// NARs no narinfo names that stayed for the grace period or a lease.
+    pub kept_unreferenced_nars: u64,
+    pub freed_bytes: u64,
+    pub aborted_uploads: u64,
+    pub roots: Roots,
+    /// Narinfos read this run; the others came from the index.
+    pub fetched_narinfos: u64,
+    /// Deletions that failed (each stays, and so does everything it names).
+    pub failed: Vec<String>,
+    /// Why it stopped before the end (`--max-delete`), if it did.
+    pub stopped: Option<String>,
+    /// In a dry run, every key that would go.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub would_delete: Vec<String>,
+    pub notes: Vec<String>,
+    pub requests: RequestStats,
+}
+
+/// The live set: the roots under `opts` and the leases, closed under references.
+pub fn mark(
+    cat: &Catalog,
+    opts: &GcOptions,
+    leases: &[&PushRecord],
+    at: i64,
+) -> (HashSet<String>, Roots) {
+    let mut roots = Roots::default();
+    let mut stack: Vec<&str> = Vec::new();
+    let pinned: HashSet<&str> = cat.pins.iter().flat_map(|p| p.hash_parts()).collect();
+    let leased: HashSet<&str> = leases
+        .iter()
+        .flat_map(|l| l.paths.iter().map(String::as_str))
+        .collect();
+    let day = 86_400i64;
+    let recent_since = at - opts.keep_days as i64 * day;
+    let read_since = at - opts.keep_read_days as i64 * day;
+    for (h, e) in &cat.narinfos {
+        let why = if pinned.contains(h.as_str()) {
+            &mut roots.pinned
+        } else if leased.contains(h.as_str()) {
+            &mut roots.leased
+        } else if e.broken.is_some() {
+            &mut roots.unreadable
+        } else if opts.keep_days > 0 && e.touched() >= recent_since {
+            &mut roots.recent
+        } else if opts.keep_read_days > 0 && e.read > 0 && e.read >= read_since {
+            &mut roots.read
+        } else {
+            continue;
+        };
+        *why += 1;
+        stack.push(h);
+    }
+    let mut live: HashSet<String> = HashSet::new();
+    while let Some(h) = stack.pop() {
+        if !live.insert(h.to_owned()) {
+            continue;
+        }
+        if let Some(e) = cat.narinfos.get(h) {
+            stack.extend(e.refs.iter().map(String::as_str));
+        }
+    }
+    (live, roots)
+}
+
+/// The dead narinfos that may go now: none of them is referred to by a dead narinfo still
+/// present (so deleting them never leaves a reference dangling).
+pub fn next_wave(cat: &Catalog, live: &HashSet<String>, gone: &HashSet<String>) -> Vec<String> {
+    let dead = |h: &str| cat.narinfos.contains_key(h) && !live.contains(h) && !gone.contains(h);
+    let mut referred: HashSet<&str> = HashSet::new();
+    for (h, e) in &cat.narinfos {
+        if dead(h) {
+            referred.extend(e.refs.iter().map(String::as_str));
+        }
+    }
+    let mut wave: Vec<String> = cat
+        .narinfos
+        .keys()
+        .filter(|h| dead(h) && !referred.contains(h.as_str()))
+        .cloned()
+        .collect();
+    wave.sort();
+    wave
+}
+
+/// Runs gc on `storage`; `progress` hears each phase as it starts.
+pub async fn run<S: Storage>(
+    storage: &S,
+    opts: &GcOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<GcReport, GcError> {
+    let started = now();
+    if !opts.dry_run
+        && let Ok(Some(m)) = read_json::<S, GcMarker>(storage, layout::GC_MARKER).await
+        && m.is_running(started)
+    {
+        return Err(GcError::AnotherGc {
+            target: storage.describe(),
+            started: crate::timestamp_of(m.started),
+            host: m.host,
+            pid: m.pid,
+        });
+    }
+    progress("listing the cache");
+    let cat = Catalog::scan(storage).await?;
+    run_with(storage, &cat, opts, progress, started).await
+}
+
+/// [`run`] on a catalog already scanned (`stats` scans once for both).
+pub async fn run_with<S: Storage>(
+    storage: &S,
+    cat: &Catalog,
+    opts: &GcOptions,
+    progress: &mut dyn FnMut(&str),
+    started: i64,
+) -> Result<GcReport, GcError> {
+    let id = records::random_id();
+    let mut report = GcReport {
+        dry_run: opts.dry_run,
+        ..GcReport::default()
+    };
+    report.fetched_narinfos = cat.fetched as u64;
+    report.notes.extend(cat.notes.iter().cloned());
+    progress(&format!(
+        "{} narinfos ({} read, the rest from the index), {} NARs",
+        cat.narinfos.len(),
+        cat.fetched,
+        cat.nars.len()
+    ));
+
+    let mut leases = Leases::from_listing(&cat.pushes);
+    let (mut live, roots) = mark(cat, opts, &leases.live(started), started);
+    report.roots = roots;
+    let mut marker = GcMarker {
+        version: 1,
+        id,
+        host: records::host_name(),
+        pid: std::process::id(),
+        started,
+        deadline: started + records::MARKER_TTL,
+        deleting: true,
+        leases_seen: Vec::new(),
+    };
+    let mut budget = Budget::new(opts.max_delete);
+    let mut gone: HashSet<String> = HashSet::new();
+
+    // 1. Narinfos, referrers first, reading the leases before every batch.
+    if !opts.dry_run {
+        // Announced before the leases are read: a push that writes its lease after this
+        // read finds the marker and waits until a later read has seen it.
+        write_json(storage, layout::GC_MARKER, &marker).await?;
+    }
+    progress("deleting narinfos outside the live set");
+    loop {
+        if !opts.dry_run {
+            leases.refresh(storage, &mut report.notes).await?;
+            let at = now();
+            let (l, _) = mark(cat, opts, &leases.live(at), started);
+            live = l;
+            marker.leases_seen = leases.live(at).iter().map(|r| r.id.clone()).collect();
+            marker.deadline = at + records::MARKER_TTL;
+            write_json(storage, layout::GC_MARKER, &marker).await?;
+        }
+        let wave = next_wave(cat, &live, &gone);
+        if wave.is_empty() {
+            break;
+        }
+        // One batch, then the leases again and the wave anew (it holds the rest).
+        let batch: Vec<String> = wave.into_iter().take(BATCH).collect();
+        let Some(batch) = budget.take(&batch, &mut report) else {
+            break;
+        };
+        let keys: Vec<(String, u64)> = batch
+            .iter()
+            .map(|h| (layout::narinfo_key(h), cat.narinfos[h].size))
+            .collect();
+        let done = delete_all(storage, opts, keys, &mut report).await;
+        for (h, ok) in batch.iter().zip(done) {
+            // A narinfo that failed to go stays dead-but-present: what it names stays.
+            gone.insert(h.clone());
+            if ok {
+                report.deleted_narinfos += 1;
+            } else {
+                report.failed.push(layout::narinfo_key(h));
+                live.insert(h.clone());
+            }
+        }
+    }
+    let failed: HashSet<String> = report
+        .failed
+        .iter()
+        .filter_map(|k| layout::narinfo_hash(k).map(str::to_owned))
+        .collect();
+    let deleted: HashSet<String> = gone.difference(&failed).cloned().collect();
+    report.kept_narinfos = (cat.narinfos.len() - deleted.len()) as u64;
+
+    // 2. The index of what remains, then the records it now holds.
+    if !opts.dry_run {
+        progress("saving the index");
+        cat.index_without(&deleted).save(storage).await?;
+        let at = now();
+        let folded: Vec<(String, u64)> = cat
+            .pushes
+            .iter()
+            .filter(|l| l.record.as_ref().is_some_and(|r| !r.is_lease(at)))
+            .map(|l| (l.meta.key.clone(), 0))
+            .chain(
+                cat.reads
+                    .iter()
+                    .filter(|l| l.record.is_some())
+                    .map(|l| (l.meta.key.clone(), 0)),
+            )
+            .collect();
+        let n = folded.len() as u64;
+        let done = delete_all(storage, opts, folded, &mut GcReport::default()).await;
+        report.deleted_records = done.iter().filter(|ok| **ok).count() as u64;
+        debug_assert!(report.deleted_records <= n);
+    }
+
+    // 3. What no remaining narinfo names, past the grace period and no lease's.
+    if report.stopped.is_none() {
+        progress("deleting unreferenced NARs, listings and logs");
+        if !opts.dry_run {
+            leases.refresh(storage, &mut report.notes).await?;
+        }
+        let at = now();
+        let protected: HashSet<&str> = leases
+            .live(at)
+            .iter()
+            .flat_map(|r| r.nar_hashes.iter().map(String::as_str))
+            .collect();
+        let remaining = cat.narinfos.iter().filter(|(h, _)| !deleted.contains(*h));
+        let mut named: HashSet<&str> = HashSet::new();
+        let mut derivers: HashSet<&str> = HashSet::new();
+        for (_, e) in remaining {
+            if let Some(n) = &e.nar {
+                named.insert(n.as_str());
+            }
+            if let Some(d) = &e.deriver {
+                derivers.insert(d.as_str());
+            }
+        }
+        let old = |m: &crate::storage::ObjectMeta| m.modified < at - opts.grace_secs;
+        let mut nars = Vec::new();
+        for m in &cat.nars {
+            if named.contains(m.key.as_str()) {
+                continue;
+            }
+            let hash = m.key[layout::NAR_DIR.len()..]
+                .split('.')
+                .next()
+                .unwrap_or("");
+            if old(m) && !protected.contains(hash) {
+                nars.push((m.key.clone(), m.size));
+            } else {
+                report.kept_unreferenced_nars += 1;
+            }
+        }
+        let listings: Vec<(String, u64)> = cat
+            .listings
+            .iter()
+            .filter(|m| {
+                let h = m.key.trim_end_matches(".ls");
+                (!cat.narinfos.contains_key(h) || deleted.contains(h)) && old(m)
+            })
+            .map(|m| (m.key.clone(), m.size))
+            .collect();
+        let logs: Vec<(String, u64)> = cat
+            .logs
+            .iter()
+            .filter(|m| !derivers.contains(&m.key["log/".len()..]) && old(m))
+            .map(|m| (m.key.clone(), m.size))
+            .collect();
+        for (kind, keys) in [(0, nars), (1, listings), (2, logs)] {
+            for batch in keys.chunks(BATCH) {
+                let Some(batch) = budget.take(batch, &mut report) else {
+                    break;
+                };
+                let done = delete_all(storage, opts, batch.to_vec(), &mut report).await;
+                let ok = done.iter().filter(|ok| **ok).count() as u64;
+                for ((k, _), ok) in batch.iter().zip(&done) {
+                    if !ok {
+                        report.failed.push(k.clone());
+                    }
+                }
+                match kind {
+                    0 => report.deleted_nars += ok,
+                    1 => report.deleted_listings += ok,
+                    _ => report.deleted_logs += ok,
+                }
+            }
+        }
+
+        // 4. Multipart uploads nobody will finish: older than the grace period and than
+        // every running push.
+        if !opts.dry_run {
+            let oldest_lease = leases.live(at).iter().map(|r| r.started).min();
+            let cutoff = (at - opts.grace_secs)
+                .min(oldest_lease.map_or(i64::MAX, |s| s - records::CLOCK_SKEW));
+            match storage.abort_uploads_started_before(cutoff).await {
+                Ok(n) => report.aborted_uploads = n as u64,
+                Err(StorageError::Unsupported { message, .. }) => report
+                    .notes
+                    .push(format!("open multipart uploads not checked: {message}")),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if !opts.dry_run {
+        // Gone: no push needs to wait for this gc any more.
+        storage.delete(layout::GC_MARKER).await?;
+    }
+    report.requests = storage.stats();
+    Ok(report)
+}
+
+/// The `--max-delete` budget.
+struct Budget {
+    left: Option<u64>,
+}
+
+impl Budget {
+    fn new(max: Option<u64>) -> Self {
+        Budget { left: max }
+    }
+
+    /// The part of `batch` the budget allows; `None` (and the report says why) when it is
+    /// spent.
+    fn take<'a, T>(&mut self, batch: &'a [T], report: &mut GcReport) -> Option<&'a [T]> {
+        let Some(left) = self.left.as_mut() else {
+            return Some(batch);
+        };
+        if *left == 0 {
+            report.stopped.get_or_insert_with(|| {
+                "stopped at --max-delete; run gc again to delete the rest".to_owned()
+            });
+            return None;
+        }
+        let n = (*left).min(batch.len() as u64) as usize;
+        *left -= n as u64;
+        Some(&batch[..n])
+    }
+}
+
+/// Deletes `keys` (key, bytes), `opts.concurrency` at once; in a dry run only notes them.
+/// Returns whether each went.
+async fn delete_all<S: Storage>(
+    storage: &S,
+    opts: &GcOptions,
+    keys: Vec<(String, u64)>,
+    report: &mut GcReport,
+) -> Vec<bool> {
+    if opts.dry_run {
+        for (k, bytes) in &keys {
+            report.freed_bytes += bytes;
+            report.would_delete.push(k.clone());
+        }
+        return vec![true; keys.len()];
+    }
+    let results: Vec<(usize, Result<(), StorageError>)> =
+        futures::stream::iter(keys.iter().enumerate())
+            .map(|(i, (k, _))| async move { (i, storage.delete(k).await) })
+            .buffer_unordered(opts.concurrency.max(1))
+            .collect()
+            .await;
+    let mut ok = vec![false; keys.len()];
+    for (i, r) in results {
+        match r {
+            Ok(()) => {
+                ok[i] = true;
+                report.freed_bytes += keys[i].1;
+            }
+            Err(e) => report.notes.push(e.to_string()),
+        }
+    }
+    ok
+}
+
+/// The push records, read once each and again only when they change.
+struct Leases {
+    records: HashMap<String, (String, Option<PushRecord>)>,
+}
+
+impl Leases {
+    fn from_listing(listed: &[Listed<PushRecord>]) -> Self {
+        Leases {
+            records: listed
+                .iter()
+                .map(|l| (l.meta.key.clone(), (l.meta.etag.clone(), l.record.clone())))
+                .collect(),
+        }
+    }
+
+    /// Lists the push records again and reads those new or changed since.
+    async fn refresh<S: Storage>(
+        &mut self,
+        storage: &S,
+        notes: &mut Vec<String>,
+    ) -> Result<(), StorageError> {
+        let metas = storage.list_meta(layout::PUSHES_DIR, true).await?;
+        let changed: Vec<_> = metas
+            .into_iter()
+            .filter(|m| {
+                self.records
+                    .get(&m.key)
+                    .is_none_or(|(etag, _)| *etag != m.etag)
+            })
+            .collect();
+        for l in read_records::<S, PushRecord>(storage, changed, notes).await? {
+            self.records.insert(l.meta.key, (l.meta.etag, l.record));
+        }
+        Ok(())
+    }
+
+    fn live(&self, at: i64) -> Vec<&PushRecord> {
+        self.records
+            .values()
+            .filter_map(|(_, r)| r.as_ref())
+            .filter(|r| r.is_lease(at))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index::Entry;
+    use super::pins::{Pin, Revision};
+    use super::*;
+
+    fn entry(refs: &[&str], modified: i64) -> Entry {
+        Entry {
+            etag: String::new(),
+            modified,
+            size: 1,
+            name: "x".into(),
+            nar: None,
+            nar_size: 0,
+            file_size: 0,
+            compression: String::new(),
+            refs: refs.iter().map(|r| r.to_string()).collect(),
+            deriver: None,
+            pushed: 0,
+            read: 0,
+            broken: None,
+        }
+    }
+
+    /// a → b → c, d → c, e alone (written now).
+    fn catalog() -> Catalog {
+        let mut cat = Catalog::default();
+        for (h, refs, t) in [
+            ("a", &["b"][..], 0),
+            ("b", &["c"][..], 0),
+            ("c", &[][..], 0),
+            ("d", &["c"][..], 0),
+            ("e", &[][..], 1_000_000),
+        ] {
+            cat.narinfos.insert(h.into(), entry(refs, t));
+        }
+        cat
+    }
+
+    fn opts(keep_days: u64) -> GcOptions {
+        GcOptions {
+            keep_days,
+            keep_read_days: 0,
+            ..GcOptions::default()
+        }
+    }
+
+    fn set(v: &[&str]) -> HashSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn roots_keep_whole_closures_and_waves_delete_referrers_first() {
+        let mut cat = catalog();
+        let now = 1_000_000;
+        // Nothing pinned, nothing recent by keep-days 0: all goes, referrers first.
+        let (live, _) = mark(&cat, &opts(0), &[], now);
+        assert!(live.is_empty());
+        let mut gone = HashSet::new();
+        let mut order = Vec::new();
+        loop {
+            let w = next_wave(&cat, &live, &gone);
+            if w.is_empty() {
+                break;
+            }
+            gone.extend(w.iter().cloned());
+            order.push(w);
+        }
+        assert_eq!(order, vec![vec!["a", "d", "e"], vec!["b"], vec!["c"]]);
+
+        // Recency keeps e only; a pin on a keeps a, b, c; d goes alone.
+        let (live, roots) = mark(&cat, &opts(1), &[], now);
+        assert_eq!(live, set(&["e"]));
+        assert_eq!(roots.recent, 1);
+        cat.pins.push(Pin {
+            version: 1,
+            name: "p".into(),
+            revisions: vec![Revision {
+                added: 0,
+                paths: vec![format!("/nix/store/{}-x", "0".repeat(32))],
+            }],
+        });
+        cat.narinfos.insert("0".repeat(32), entry(&["a"], 0));
+        let (live, roots) = mark(&cat, &opts(0), &[], now);
+        assert_eq!(live, set(&[&"0".repeat(32), "a", "b", "c"]));
+        assert_eq!(roots.pinned, 1);
+        assert_eq!(next_wave(&cat, &live, &HashSet::new()), vec!["d", "e"]);
+
+        // A lease keeps d, and with it c, even with no narinfo for some of its paths.
+        let lease = PushRecord {
+            version: 1,
+            id: "l".into(),
+            host: String::new(),
+            pid: 0,
+            started: now,
+            expires: now + 60,
+            paths: vec!["d".into(), "not-there".into()],
+            nar_hashes: vec![],
+        };
+        let (live, roots) = mark(&cat, &opts(0), &[&lease], now);
+        assert!(live.contains("d") && live.contains("c"));
+        assert_eq!(roots.leased, 1);
+
+        // An unreadable narinfo is kept with what it names.
+        cat.narinfos.get_mut("e").unwrap().broken = Some("bad".into());
+        cat.narinfos.get_mut("e").unwrap().refs = vec!["d".into()];
+        let (live, roots) = mark(&cat, &opts(0), &[], now);
+        assert!(live.contains("e") && live.contains("d") && live.contains("c"));
+        assert_eq!(roots.unreadable, 1);
+    }
+
+    #[test]
+    fn the_budget_stops_and_says_why() {
+        let mut r = GcReport::default();
+        let mut b = Budget::new(Some(3));
+        assert_eq!(b.take(&[1, 2], &mut r), Some(&[1, 2][..]));
+        assert_eq!(b.take(&[3, 4], &mut r), Some(&[3][..]));
+        assert_eq!(b.take(&[5], &mut r), None);
+        assert!(r.stopped.is_some());
+        let mut unlimited = Budget::new(None);
+        assert_eq!(unlimited.take(&[1], &mut r), Some(&[1][..]));
+    }
+}
