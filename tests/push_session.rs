@@ -183,6 +183,7 @@ fn request(fx: &Fixture) -> Request {
         roots: vec![fx.top.clone()],
         closure: true,
         dry_run: false,
+        pin: None,
     }
 }
 
@@ -394,6 +395,7 @@ impl cachepush::watch::BatchPusher for Drainer {
             roots,
             closure: true,
             dry_run: false,
+            pin: None,
         };
         let quiet = &mut cachepush::push::session::Quiet;
         Ok(

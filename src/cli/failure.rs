@@ -56,6 +56,7 @@ impl From<PushError> for Failure {
             PushError::Plan { .. }
             | PushError::Write { .. }
             | PushError::Lease { .. }
+            | PushError::Pin { .. }
             | PushError::CacheInfoUnreadable { .. } => Failure::target(text),
             // The URL names a cache for another store: the URL is what is wrong.
             PushError::OtherStore { .. } => Failure::input(text),

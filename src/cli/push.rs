@@ -77,6 +77,14 @@ pub struct Selection {
     /// Print one JSON summary object on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Once everything is published, pin the given paths under NAME so that gc keeps
+    /// them with their closures (docs/gc.md).
+    #[arg(long, value_name = "NAME", env = "CACHEPUSH_PIN")]
+    pin: Option<String>,
+    /// Revisions of the --pin to keep.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pin_keep: u64,
 }
 
 /// How to publish: shared by `copy`, `push` and the watch commands. Every value can also
@@ -322,6 +330,9 @@ fn one_shot(
     settings: &Settings,
     file: &FileSettings,
 ) -> Result<ExitCode, Failure> {
+    if let Some(name) = &select.pin {
+        cachepush::gc::pins::check_name(name).map_err(|e| Failure::input(format!("--pin: {e}")))?;
+    }
     let rt = runtime()?;
     let store = LocalStore::from_env().map_err(store_failure)?;
     let roots = resolve_roots(&store, paths, select.stdin)?;
@@ -331,8 +342,9 @@ fn one_shot(
         };
         pusher.session.plan_opts.repair = select.repair;
         pusher.session.plan_opts.list = !select.no_list;
+        let pin = select.pin.clone().map(|n| (n, select.pin_keep as usize));
         let outcome = pusher
-            .push(roots, !select.no_closure, select.dry_run, select.json)
+            .push(roots, !select.no_closure, select.dry_run, select.json, pin)
             .await?;
         Ok(super::failure::exit_code(outcome))
     })
@@ -478,11 +490,13 @@ impl Pusher {
         closure: bool,
         dry_run: bool,
         json: bool,
+        pin: Option<(String, usize)>,
     ) -> Result<Outcome, Failure> {
         let req = push::Request {
             roots,
             closure,
             dry_run,
+            pin,
         };
         let mut stop = self.stop.clone();
         let storage = self.session.storage().clone();
@@ -508,7 +522,7 @@ impl cachepush::watch::BatchPusher for Pusher {
     }
 
     async fn push_batch(&mut self, roots: Vec<StorePath>) -> Result<Outcome, Failure> {
-        self.push(roots, true, false, false).await
+        self.push(roots, true, false, false, None).await
     }
 
     fn warn(&self, message: &str) {

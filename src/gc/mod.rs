@@ -228,8 +228,8 @@ pub async fn run_with<S: Storage>(
         cat.nars.len()
     ));
 
-    let mut leases = Leases::from_listing(&cat.pushes);
-    let (mut live, roots) = mark(cat, opts, &leases.live(started), started);
+    let mut leases = Leases::from_listing(&cat.pushes, started);
+    let (mut live, roots) = mark(cat, opts, &leases.protecting(started), started);
     report.roots = roots;
     let mut marker = GcMarker {
         version: 1,
@@ -255,9 +255,9 @@ pub async fn run_with<S: Storage>(
         if !opts.dry_run {
             leases.refresh(storage, &mut report.notes).await?;
             let at = now();
-            let (l, _) = mark(cat, opts, &leases.live(at), started);
+            let (l, _) = mark(cat, opts, &leases.protecting(at), started);
             live = l;
-            marker.leases_seen = leases.live(at).iter().map(|r| r.id.clone()).collect();
+            marker.leases_seen = leases.protecting(at).iter().map(|r| r.id.clone()).collect();
             marker.deadline = at + records::MARKER_TTL;
             write_json(storage, layout::GC_MARKER, &marker).await?;
         }
@@ -325,7 +325,7 @@ pub async fn run_with<S: Storage>(
         }
         let at = now();
         let protected: HashSet<&str> = leases
-            .live(at)
+            .protecting(at)
             .iter()
             .flat_map(|r| r.nar_hashes.iter().map(String::as_str))
             .collect();
@@ -340,7 +340,8 @@ pub async fn run_with<S: Storage>(
                 derivers.insert(d.as_str());
             }
         }
-        let old = |m: &crate::storage::ObjectMeta| m.modified < at - opts.grace_secs;
+        // Whole seconds: with `--grace 0s` an object written this second counts as old.
+        let old = |m: &crate::storage::ObjectMeta| m.modified <= at - opts.grace_secs;
         let mut nars = Vec::new();
         for m in &cat.nars {
             if named.contains(m.key.as_str()) {
@@ -394,7 +395,7 @@ pub async fn run_with<S: Storage>(
         // 4. Multipart uploads nobody will finish: older than the grace period and than
         // every running push.
         if !opts.dry_run {
-            let oldest_lease = leases.live(at).iter().map(|r| r.started).min();
+            let oldest_lease = leases.protecting(at).iter().map(|r| r.started).min();
             let cutoff = (at - opts.grace_secs)
                 .min(oldest_lease.map_or(i64::MAX, |s| s - records::CLOCK_SKEW));
             match storage.abort_uploads_started_before(cutoff).await {
@@ -476,18 +477,40 @@ async fn delete_all<S: Storage>(
     ok
 }
 
-/// The push records, read once each and again only when they change.
+/// The push records, read once each and again only when they change, and which of them
+/// protect their paths during this run.
+///
+/// A record protects while it is a lease, and also, for the rest of this run, once this
+/// run has seen it as one or when its push started after this run's scan began: such a
+/// push may have found paths present and published narinfos referring to them after the
+/// scan, so this run never saw those narinfos, and releasing the lease must not hand the
+/// paths they rely on to this run's stale picture.
 struct Leases {
     records: HashMap<String, (String, Option<PushRecord>)>,
+    /// Pushes that started after this (scan start, less the clock skew) protect anyway.
+    since: i64,
+    seen_live: HashSet<String>,
 }
 
 impl Leases {
-    fn from_listing(listed: &[Listed<PushRecord>]) -> Self {
-        Leases {
+    fn from_listing(listed: &[Listed<PushRecord>], scan_started: i64) -> Self {
+        let mut l = Leases {
             records: listed
                 .iter()
                 .map(|l| (l.meta.key.clone(), (l.meta.etag.clone(), l.record.clone())))
                 .collect(),
+            since: scan_started - records::CLOCK_SKEW,
+            seen_live: HashSet::new(),
+        };
+        l.note_live(scan_started);
+        l
+    }
+
+    fn note_live(&mut self, at: i64) {
+        for (_, r) in self.records.values() {
+            if let Some(r) = r.as_ref().filter(|r| r.is_lease(at)) {
+                self.seen_live.insert(r.id.clone());
+            }
         }
     }
 
@@ -509,138 +532,16 @@ impl Leases {
         for l in read_records::<S, PushRecord>(storage, changed, notes).await? {
             self.records.insert(l.meta.key, (l.meta.etag, l.record));
         }
+        self.note_live(now());
         Ok(())
     }
 
-    fn live(&self, at: i64) -> Vec<&PushRecord> {
+    /// The records whose paths this run must keep (see the type's comment).
+    fn protecting(&self, at: i64) -> Vec<&PushRecord> {
         self.records
             .values()
             .filter_map(|(_, r)| r.as_ref())
-            .filter(|r| r.is_lease(at))
+            .filter(|r| r.is_lease(at) || r.started >= self.since || self.seen_live.contains(&r.id))
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::index::Entry;
-    use super::pins::{Pin, Revision};
-    use super::*;
-
-    fn entry(refs: &[&str], modified: i64) -> Entry {
-        Entry {
-            etag: String::new(),
-            modified,
-            size: 1,
-            name: "x".into(),
-            nar: None,
-            nar_size: 0,
-            file_size: 0,
-            compression: String::new(),
-            refs: refs.iter().map(|r| r.to_string()).collect(),
-            deriver: None,
-            pushed: 0,
-            read: 0,
-            broken: None,
-        }
-    }
-
-    /// a → b → c, d → c, e alone (written now).
-    fn catalog() -> Catalog {
-        let mut cat = Catalog::default();
-        for (h, refs, t) in [
-            ("a", &["b"][..], 0),
-            ("b", &["c"][..], 0),
-            ("c", &[][..], 0),
-            ("d", &["c"][..], 0),
-            ("e", &[][..], 1_000_000),
-        ] {
-            cat.narinfos.insert(h.into(), entry(refs, t));
-        }
-        cat
-    }
-
-    fn opts(keep_days: u64) -> GcOptions {
-        GcOptions {
-            keep_days,
-            keep_read_days: 0,
-            ..GcOptions::default()
-        }
-    }
-
-    fn set(v: &[&str]) -> HashSet<String> {
-        v.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn roots_keep_whole_closures_and_waves_delete_referrers_first() {
-        let mut cat = catalog();
-        let now = 1_000_000;
-        // Nothing pinned, nothing recent by keep-days 0: all goes, referrers first.
-        let (live, _) = mark(&cat, &opts(0), &[], now);
-        assert!(live.is_empty());
-        let mut gone = HashSet::new();
-        let mut order = Vec::new();
-        loop {
-            let w = next_wave(&cat, &live, &gone);
-            if w.is_empty() {
-                break;
-            }
-            gone.extend(w.iter().cloned());
-            order.push(w);
-        }
-        assert_eq!(order, vec![vec!["a", "d", "e"], vec!["b"], vec!["c"]]);
-
-        // Recency keeps e only; a pin on a keeps a, b, c; d goes alone.
-        let (live, roots) = mark(&cat, &opts(1), &[], now);
-        assert_eq!(live, set(&["e"]));
-        assert_eq!(roots.recent, 1);
-        cat.pins.push(Pin {
-            version: 1,
-            name: "p".into(),
-            revisions: vec![Revision {
-                added: 0,
-                paths: vec![format!("/nix/store/{}-x", "0".repeat(32))],
-            }],
-        });
-        cat.narinfos.insert("0".repeat(32), entry(&["a"], 0));
-        let (live, roots) = mark(&cat, &opts(0), &[], now);
-        assert_eq!(live, set(&[&"0".repeat(32), "a", "b", "c"]));
-        assert_eq!(roots.pinned, 1);
-        assert_eq!(next_wave(&cat, &live, &HashSet::new()), vec!["d", "e"]);
-
-        // A lease keeps d, and with it c, even with no narinfo for some of its paths.
-        let lease = PushRecord {
-            version: 1,
-            id: "l".into(),
-            host: String::new(),
-            pid: 0,
-            started: now,
-            expires: now + 60,
-            paths: vec!["d".into(), "not-there".into()],
-            nar_hashes: vec![],
-        };
-        let (live, roots) = mark(&cat, &opts(0), &[&lease], now);
-        assert!(live.contains("d") && live.contains("c"));
-        assert_eq!(roots.leased, 1);
-
-        // An unreadable narinfo is kept with what it names.
-        cat.narinfos.get_mut("e").unwrap().broken = Some("bad".into());
-        cat.narinfos.get_mut("e").unwrap().refs = vec!["d".into()];
-        let (live, roots) = mark(&cat, &opts(0), &[], now);
-        assert!(live.contains("e") && live.contains("d") && live.contains("c"));
-        assert_eq!(roots.unreadable, 1);
-    }
-
-    #[test]
-    fn the_budget_stops_and_says_why() {
-        let mut r = GcReport::default();
-        let mut b = Budget::new(Some(3));
-        assert_eq!(b.take(&[1, 2], &mut r), Some(&[1, 2][..]));
-        assert_eq!(b.take(&[3, 4], &mut r), Some(&[3][..]));
-        assert_eq!(b.take(&[5], &mut r), None);
-        assert!(r.stopped.is_some());
-        let mut unlimited = Budget::new(None);
-        assert_eq!(unlimited.take(&[1], &mut r), Some(&[1][..]));
     }
 }

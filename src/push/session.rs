@@ -44,6 +44,13 @@ pub enum PushError {
         #[source]
         source: crate::gc::records::RecordError,
     },
+    /// Everything was published but the pin could not be written.
+    #[error("published, but cannot pin it in {target}: {source}")]
+    Pin {
+        target: String,
+        #[source]
+        source: crate::gc::pins::PinError,
+    },
     #[error("{target}: existing nix-cache-info is unreadable: {reason}")]
     CacheInfoUnreadable { target: String, reason: String },
     /// The cache was made for another store directory (`/nix/store` vs a custom one):
@@ -64,6 +71,9 @@ pub struct Request {
     pub closure: bool,
     /// Plan and stop; nothing is written.
     pub dry_run: bool,
+    /// Once every path is published, pin the roots under this name, keeping this many
+    /// revisions (before the lease ends, so no gc can take them in between).
+    pub pin: Option<(String, usize)>,
 }
 
 /// How the plan split the closure, kept after the plan is consumed.
@@ -210,7 +220,25 @@ impl<S: Storage> Session<S> {
                 .wait_for_gc(&**storage, |m| observer.waiting_for_gc(m))
                 .await
                 .map_err(lease_err)?;
-            self.run_planned(closure, observer, cancel).await
+            let outcome = self.run_planned(closure, observer, cancel).await?;
+            if let (Some((name, keep)), Outcome::Done { report, .. }) = (&req.pin, &outcome) {
+                if report.failed.is_empty() {
+                    let roots: Vec<String> =
+                        req.roots.iter().map(|r| r.hash_part().to_owned()).collect();
+                    crate::gc::pins::add(&**storage, name, &roots, *keep)
+                        .await
+                        .map_err(|source| PushError::Pin {
+                            target: storage.describe(),
+                            source,
+                        })?;
+                    observer.notice(&format!("pinned as {name}"));
+                } else {
+                    observer.notice(&format!(
+                        "not pinned as {name}: some paths were not published"
+                    ));
+                }
+            }
+            Ok(outcome)
         };
         let outcome = tokio::select! {
             r = run => r,

@@ -29,6 +29,9 @@ pub enum Fault {
     StallThenDrop(Duration),
     /// Forward, then send only half of the response body and close.
     Truncate,
+    /// Wait a random time up to this long, then forward: requests in flight together
+    /// reach the server, and answer, in an order of the proxy's choosing.
+    Jitter(Duration),
     /// As `Status`, but only for requests carrying this header (e.g. `if-none-match`: a
     /// server without conditional writes); others are forwarded.
     StatusIfHeader(&'static str, u16, &'static str),
@@ -36,6 +39,7 @@ pub enum Fault {
 
 #[derive(Clone, Debug)]
 pub struct Rule {
+    /// `"*"` for every method.
     pub method: &'static str,
     /// A substring of the path and query, e.g. ".narinfo", "partNumber=", "uploadId=".
     pub target: &'static str,
@@ -181,9 +185,9 @@ fn full(b: impl Into<Bytes>) -> Body {
 
 fn take_fault(rules: &Mutex<Vec<Rule>>, method: &str, target: &str) -> Option<Fault> {
     let mut rules = rules.lock().unwrap();
-    let rule = rules
-        .iter_mut()
-        .find(|r| r.times > 0 && r.method == method && target.contains(r.target))?;
+    let rule = rules.iter_mut().find(|r| {
+        r.times > 0 && (r.method == "*" || r.method == method) && target.contains(r.target)
+    })?;
     if rule.times != usize::MAX {
         rule.times -= 1;
     }
@@ -251,6 +255,10 @@ async fn handle(
         }
         Some(Fault::Reset) => return Err(std::io::Error::other("injected reset")),
         Some(Fault::Stall(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::Jitter(d)) => {
+            let ms = rand::random_range(0..=d.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         Some(Fault::StallThenDrop(d)) => {
             tokio::time::sleep(*d).await;
             return Err(std::io::Error::other("injected stall, then dropped"));

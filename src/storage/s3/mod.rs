@@ -572,7 +572,9 @@ impl Storage for S3Bucket {
                 .await?
                 .map_err(|c| to_error("LIST", prefix, c))?;
             for o in res.contents() {
-                if let Some(k) = o.key() {
+                // Folder placeholders (`dir/`, made by consoles and some servers) are not
+                // objects of the cache.
+                if let Some(k) = o.key().filter(|k| !k.ends_with('/')) {
                     out.push(ObjectMeta {
                         key: k.get(strip..).unwrap_or(k).to_owned(),
                         size: o.size().map_or(0, |s| s.max(0) as u64),
