@@ -231,12 +231,37 @@ def cpu_floor(paths):
 def upload_floor(server, bucket, sizes):
     f = WORK / "sizes.txt"
     f.write_text("\n".join(map(str, sizes)))
-    exe = sorted((ROOT / "target" / "release" / "deps").glob("put_floor-*"), key=lambda p: p.stat().st_mtime)
-    exe = [p for p in exe if os.access(p, os.X_OK) and p.suffix == ""]
-    m = timed([str(exe[-1]), ENDPOINT, bucket, str(f), "64"], server.env(), server=server)
+    m = timed([bench_exe("put_floor"), ENDPOINT, bucket, str(f), "64"], server.env(), server=server)
     j = json.loads(m.pop("stdout"))
     m["wall"] = j["seconds"]
     return m
+
+
+def bench_exe(name):
+    """The newest build of a benches/*.rs tool."""
+    exe = sorted((ROOT / "target" / "release" / "deps").glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
+    exe = [p for p in exe if os.access(p, os.X_OK) and p.suffix == ""]
+    return str(exe[-1])
+
+
+def gc_bench(server, n):
+    """gc over a synthetic cache of n narinfos and n NARs (90% pinned): a first run that
+    reads every narinfo and deletes the unpinned tenth, and a second that finds nothing to
+    do from its index."""
+    b = server.bucket("gc")
+    log(f"gc: filling a bucket with {n} narinfos and NARs")
+    fill = json.loads(run([bench_exe("gc_fill"), ENDPOINT, b, str(n), "64"], env=server.env()).stdout)
+    url = f"s3://{b}?endpoint={ENDPOINT}&region=us-east-1"
+    out = {"narinfos": n, "fill_seconds": fill["seconds"]}
+    for name in ("first", "second"):
+        log(f"gc: {name} run")
+        m = timed([str(CP), "gc", url, "--keep-days", "0", "--grace", "0s", "--json"], server.env(), server=server)
+        j = json.loads(m.pop("stdout"))
+        out[name] = {"wall": m["wall"], "cpu": m["cpu"], "rss_mib": m["rss_mib"], "server_cpu": m["server_cpu"],
+                     "requests": j["requests"], "deleted_narinfos": j["deleted_narinfos"],
+                     "deleted_nars": j["deleted_nars"], "kept_narinfos": j["kept_narinfos"],
+                     "fetched_narinfos": j["fetched_narinfos"]}
+    return out
 
 
 def object_sizes(server, bucket):
@@ -454,6 +479,7 @@ def main():
                 res["W4"] = {"cachepush": {"wall": summary(noop), "requests": noop[-1]["requests"], "pushed": noop[-1]["pushed"]},
                              "nix_copy_then_sync": {"wall": summary(noop_peer)}}
             results["workloads"][w] = res
+        results["gc"] = gc_bench(server, 2000 if a.short else 100_000)
         log("gateway")
         results["gateway"] = gateway_bench(server, key, last_bucket_of(server, results, paths, key), paths["W1"], paths["W2"], secs)
     finally:
@@ -510,6 +536,14 @@ def targets(r):
         auth = g["narinfo hit, basic auth, c=64"]["rps"]
         cost = 1 - auth / hit["rps"]
         row("gateway: Basic auth costs under 10%", f"{cost * 100:.0f}%", cost < 0.10)
+    gc = r.get("gc")
+    if gc:
+        s = gc["second"]
+        besides = sum(v for k, v in s["requests"].items() if k not in ("delete", "retries"))
+        row(f"gc: second run over {gc['narinfos']} narinfos under 60 s", f"{s['wall']:.1f} s", s["wall"] < 60)
+        row("gc: second run at most 2,000 requests besides deletes", f"{besides}", besides <= 2000)
+        rss = max(gc["first"]["rss_mib"], s["rss_mib"])
+        row("gc: peak RSS under 256 MiB", f"{rss:.0f} MiB", rss < 256)
     for c in (1, 16):
         d, p = g.get(f"NAR direct GET from SeaweedFS, c={c}"), g.get(f"NAR through gateway (proxy), c={c}")
         if d and p and d["MBps"] and p["MBps"]:
@@ -570,6 +604,17 @@ def report(r, short):
             c = x["W4"]["cachepush"]
             req = ", ".join(f"{k} {n}" for k, n in c["requests"].items() if n)
             L.append(f"| {w} ({x['paths']} paths) | {fmt(c['wall'])} | {req} (pushed {c['pushed']}) | {fmt(x['W4']['nix_copy_then_sync']['wall'])} |")
+    gc = r.get("gc")
+    if gc:
+        L += ["", f"## gc ({gc['narinfos']} synthetic narinfos and NARs, 90% pinned)", "",
+              f"Filling the bucket took {gc['fill_seconds']:.0f} s (not counted).", "",
+              "| run | wall | CPU s | server CPU s | peak RSS | narinfos read | deleted narinfos / NARs | kept | requests |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for name in ("first", "second"):
+            x = gc[name]
+            req = ", ".join(f"{k} {n}" for k, n in x["requests"].items() if n)
+            L.append(f"| {name} | {x['wall']:.1f} s | {x['cpu']:.1f} | {x['server_cpu']:.1f} | {x['rss_mib']:.0f} MiB | "
+                     f"{x['fetched_narinfos']} | {x['deleted_narinfos']} / {x['deleted_nars']} | {x['kept_narinfos']} | {req} |")
     L += ["", "## Gateway", "", "| measurement | requests/s | p50 | p99 | MB/s |", "|---|---|---|---|---|"]
     for k, g in r["gateway"].items():
         few = f"too few samples ({g['requests']})"
@@ -587,6 +632,7 @@ def report(r, short):
           "- CPU floor: `nix-store --dump P | zstd -3 -T0 | sha256sum` for every path, as many in parallel as there are cores.",
           "- Upload floor: `benches/put_floor.rs`, raw PUTs of exactly the objects (count and sizes) cachepush wrote, 64 at a time, with aws-sdk-s3.",
           "- CPU seconds from `/usr/bin/time` (the client) and `/proc/PID/stat` (the SeaweedFS process); peak RSS from `/usr/bin/time`.",
+          "- gc: `benches/gc_fill.rs` writes N narinfos in ten groups (each refers to up to three earlier paths of its group), N small NARs and a pin of groups 0–8; then `cachepush gc s3://BUCKET?endpoint=... --keep-days 0 --grace 0s --json` twice.",
           "- Gateway: `wrk --latency` against `cachepush gateway` on the same machine (wrk competes for the same 2 cores), narinfo hits and misses warmed first.",
           ""]
     return "\n".join(L)

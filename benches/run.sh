@@ -21,9 +21,11 @@ if [ ! -x .tools/bench/bin/aws ]; then
   .tools/bench/bin/pip install -q 'awscli==1.*'
 fi
 
-say "building cachepush (release) and the upload-floor client"
+say "building cachepush (release), the upload-floor client and the gc filler"
 cargo build --release --locked -q
-cargo bench --bench put_floor --no-run --locked -q 2>/dev/null || cargo bench --bench put_floor --no-run --locked
+for b in put_floor gc_fill; do
+  cargo bench --bench "$b" --no-run --locked -q 2>/dev/null || cargo bench --bench "$b" --no-run --locked
+done
 
 export AWS_EC2_METADATA_DISABLED=true
 exec python3 benches/bench.py "$@"

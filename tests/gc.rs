@@ -436,7 +436,7 @@ fn a_gc_killed_between_the_narinfo_and_nar_phases_leaves_a_clean_cache_after_a_r
 /// closure substitutes with the real Nix.
 #[test]
 fn concurrent_pushes_and_gcs_never_break_a_closure() {
-    const ROUNDS: usize = 8;
+    const ROUNDS: usize = 12;
     let s3 = S3::seaweedfs();
     let dir = tempfile::tempdir().unwrap();
     let (sk, pk) = keygen(dir.path(), "gc-race");
