@@ -60,7 +60,8 @@
       nixosModules = {
         gateway = import ./nix/gateway-module.nix;
         post-build-hook = import ./nix/post-build-hook-module.nix;
-        default = { imports = [ ./nix/gateway-module.nix ./nix/post-build-hook-module.nix ]; };
+        gc = import ./nix/gc-module.nix;
+        default = { imports = [ ./nix/gateway-module.nix ./nix/post-build-hook-module.nix ./nix/gc-module.nix ]; };
       };
     };
 }

@@ -661,8 +661,8 @@ fn unreachable_caches_and_taken_addresses_exit_3() {
 }
 
 /// A key that may read but not write: the push names the refused write and the permission
-/// it needs, exits 1 (nothing it could not publish is half there), and writes nothing; on
-/// both servers. The twin, the writing key, publishes.
+/// it needs, exits 3 (its first write, the push record gc relies on, is refused before any
+/// path is sent), and writes nothing; on both servers. The twin, the writing key, publishes.
 #[test]
 fn a_read_only_key_is_told_it_may_not_write() {
     use common::s3::S3;
@@ -680,7 +680,7 @@ fn a_read_only_key_is_told_it_may_not_write() {
         s3.reader_creds(&mut c);
         let o = c.arg(&path).output().unwrap();
         let err = stderr_of(&o);
-        assert_eq!(o.status.code(), Some(1), "{}: {err}", s3.name);
+        assert_eq!(o.status.code(), Some(3), "{}: {err}", s3.name);
         assert!(
             err.contains("access denied") && err.contains("may not write"),
             "{}: {err}",

@@ -478,6 +478,7 @@ fn concurrent_pushes_and_gcs_never_break_a_closure() {
         };
         // gcs one after another for as long as the push runs, and at least two.
         let mut runs = 0;
+        let mut round_log = Vec::new();
         while runs < 2 || pusher.try_wait().unwrap().is_none() {
             let mut c = command("gc", Some(&s3));
             c.arg(&url)
@@ -490,6 +491,11 @@ fn concurrent_pushes_and_gcs_never_break_a_closure() {
                 stderr_of(&out)
             );
             deleted_total += json(&out)["deleted_narinfos"].as_u64().unwrap();
+            round_log.push(format!(
+                "gc: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                stderr_of(&out)
+            ));
             runs += 1;
             gc_runs += 1;
         }
@@ -499,10 +505,24 @@ fn concurrent_pushes_and_gcs_never_break_a_closure() {
             "round {round}: push failed: {}",
             stderr_of(&out)
         );
-        verify_clean(Some(&s3), &url, &pk);
+        let v = command("verify", Some(&s3))
+            .arg(&url)
+            .args(["--trusted-key", &pk, "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success(),
+            "round {round}: verify: {}\npush: {}\n{}",
+            String::from_utf8_lossy(&v.stdout),
+            stderr_of(&out),
+            round_log.join("\n")
+        );
         assert!(
             substitutes(&http, &app, &pk),
-            "round {round}: the pushed closure does not substitute"
+            "round {round}: the pushed closure does not substitute; keys {:?}\npush: {}\n{}",
+            s3.keys(&bucket, &prefix),
+            stderr_of(&out),
+            round_log.join("\n")
         );
     }
     // gc did delete (the previous rounds' apps), so the race was real.

@@ -242,6 +242,53 @@ async fn conformance<S: Storage>(s: &S, name: &str) {
     s.check_health().await.unwrap();
     s.delete("nar/ranged.nar").await.unwrap();
 
+    // list_meta: sizes, dates and tags; shallow leaves folders out, deep goes into them.
+    for (k, body) in [
+        ("lm0.narinfo", &b"narinfo"[..]),
+        ("nar/lm0.nar", &b"a nar"[..]),
+        ("cachepush/pins/lm.json", &b"{}"[..]),
+    ] {
+        s.put(k, content_type::NARINFO, Bytes::from_static(body))
+            .await
+            .unwrap();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let top = s.list_meta("lm", true).await.unwrap();
+    let keys: Vec<&str> = top.iter().map(|o| o.key.as_str()).collect();
+    assert_eq!(keys, ["lm0.narinfo"], "{name}");
+    assert_eq!(top[0].size, 7, "{name}");
+    assert!((top[0].modified - now).abs() < 300, "{name}: {top:?}");
+    assert!(!top[0].etag.is_empty(), "{name}");
+    let nars = s.list_meta("nar/lm", false).await.unwrap();
+    assert_eq!(nars.len(), 1, "{name}: {nars:?}");
+    assert_eq!(
+        (nars[0].key.as_str(), nars[0].size),
+        ("nar/lm0.nar", 5),
+        "{name}"
+    );
+    // A rewrite with other bytes changes the tag (gc's index relies on it).
+    s.put(
+        "lm0.narinfo",
+        content_type::NARINFO,
+        Bytes::from_static(b"other!!"),
+    )
+    .await
+    .unwrap();
+    let again = s.list_meta("lm", true).await.unwrap();
+    assert_ne!(again[0].etag, top[0].etag, "{name}");
+    let pins = s.list_meta("cachepush/pins/", true).await.unwrap();
+    assert_eq!(pins.len(), 1, "{name}: {pins:?}");
+    assert!(
+        s.list_meta("cachepush/", true).await.unwrap().is_empty(),
+        "{name}"
+    );
+    for k in ["lm0.narinfo", "nar/lm0.nar", "cachepush/pins/lm.json"] {
+        s.delete(k).await.unwrap();
+    }
+
     // delete removes, and deleting what is absent is not an error.
     s.delete("nar/small.nar").await.unwrap();
     s.delete("nar/small.nar").await.unwrap();

@@ -544,6 +544,7 @@ fn the_flake_and_nixos_modules_parse_and_evaluate_against_a_lib_stub() {
         "flake.nix",
         "nix/gateway-module.nix",
         "nix/post-build-hook-module.nix",
+        "nix/gc-module.nix",
     ] {
         run_ok(
             Command::new("nix-instantiate")
@@ -626,6 +627,39 @@ fn the_flake_and_nixos_modules_parse_and_evaluate_against_a_lib_stub() {
         v["gatewayService"]["environment"]["AWS_SHARED_CREDENTIALS_FILE"],
         "%d/aws-credentials"
     );
+    // The gc timer: its options, the command it runs, the credential outside the store.
+    for opt in [
+        "enable",
+        "cache",
+        "keepDays",
+        "keepReadDays",
+        "grace",
+        "startAt",
+        "credentialsFile",
+    ] {
+        assert!(
+            names("gcOptions").contains(&opt.to_owned()),
+            "missing gc option {opt}"
+        );
+    }
+    let gc = &v["gcService"];
+    assert_eq!(gc["startAt"], "daily");
+    assert_eq!(gc["serviceConfig"]["Type"], "oneshot");
+    let exec = gc["serviceConfig"]["ExecStart"].as_str().unwrap();
+    for part in [
+        "'gc' 's3://nix-cache?endpoint=https://example.org'",
+        "'--keep-days' '30'",
+        "'--grace' '6h'",
+        "'--keep-read-days' '7'",
+        "'--max-delete' '1000'",
+    ] {
+        assert!(exec.contains(part), "{exec}");
+    }
+    assert!(!exec.contains("/run/secrets"), "{exec}");
+    assert_eq!(
+        gc["serviceConfig"]["LoadCredential"][0],
+        "aws-credentials:/run/secrets/gc-aws"
+    );
     let upload = v["uploadService"]["serviceConfig"]["ExecStart"]
         .as_str()
         .unwrap();
@@ -665,6 +699,12 @@ fn the_flake_and_nixos_modules_parse_and_evaluate_against_a_lib_stub() {
     let r = refused("hookKeyInStore");
     assert!(
         r.len() == 1 && r[0].contains("signingKeyFile is in the Nix store"),
+        "{r:?}"
+    );
+    assert!(refused("gcGood").is_empty(), "{:?}", refused("gcGood"));
+    let r = refused("gcCredsInStore");
+    assert!(
+        r.len() == 1 && r[0].contains("credentialsFile is in the Nix store"),
         "{r:?}"
     );
     let r = refused("gatewayNoPolicy");

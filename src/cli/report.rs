@@ -202,6 +202,19 @@ impl Observer for Shown<'_> {
         self.out.warn(text);
     }
 
+    fn info(&mut self, text: &str) {
+        self.out.info(text);
+    }
+
+    fn waiting_for_gc(&mut self, m: &cachepush::gc::records::GcMarker) {
+        self.out.info(&format!(
+            "waiting for a gc (pid {} on {:?}, started {}) to see this push before going on",
+            m.pid,
+            m.host,
+            cachepush::timestamp_of(m.started)
+        ));
+    }
+
     fn uploaded(&mut self) {
         self.out.finish_progress();
         self.out.end_group();

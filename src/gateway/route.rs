@@ -207,6 +207,20 @@ mod tests {
     const H: &str = "0zmlp8zf0ryq8vcpzbqbzgncrnn1q1xa";
 
     #[test]
+    fn never_serves_cachepushs_own_objects() {
+        // Pins, push and read records, gc's index and marker: bookkeeping, not cache.
+        for p in [
+            "/cachepush/pins/release.json",
+            "/cachepush/gc-index.json.zst",
+            "/cachepush/gc-running.json",
+            "/cachepush/reads/000000000001-ab.json",
+            "/cachepush",
+        ] {
+            assert_eq!(Route::parse(p), Err(Reject::NotFound), "{p}");
+        }
+    }
+
+    #[test]
     fn accepts_what_nix_asks_for() {
         assert_eq!(Route::parse("/nix-cache-info"), Ok(Route::CacheInfo));
         assert_eq!(

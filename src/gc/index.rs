@@ -208,6 +208,13 @@ impl Catalog {
         let mut index = Index::load(storage, &mut cat.notes).await?;
         // Every narinfo and NAR key starts with a nix32 character: one listing per
         // character and folder, many at once.
+        // The push records first: a record already released now belongs to a push whose
+        // narinfos and pin are all written, so the listings below include them; a record
+        // that appears later belongs to a push this run must protect (see gc::Leases).
+        // Read at once, too: a record read as released must have been released before the
+        // listings below began.
+        let push_metas = storage.list_meta(layout::PUSHES_DIR, true).await?;
+        cat.pushes = read_records(storage, push_metas, &mut cat.notes).await?;
         let mut prefixes: Vec<(String, bool)> = Vec::new();
         for c in ALPHABET.iter().map(|&b| b as char) {
             prefixes.push((c.to_string(), true));
@@ -227,15 +234,13 @@ impl Catalog {
             .try_collect()
             .await?;
         let mut narinfo_metas = Vec::new();
-        let (mut push_metas, mut read_metas, mut pin_metas) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut read_metas, mut pin_metas) = (Vec::new(), Vec::new());
         for m in listed.into_iter().flatten() {
             let k = m.key.as_str();
             if k.starts_with(layout::NAR_DIR) {
                 cat.nars.push(m);
             } else if k.starts_with("log/") {
                 cat.logs.push(m);
-            } else if k.starts_with(layout::PUSHES_DIR) {
-                push_metas.push(m);
             } else if k.starts_with(layout::READS_DIR) {
                 read_metas.push(m);
             } else if k.starts_with(layout::PINS_DIR) {
@@ -283,7 +288,6 @@ impl Catalog {
             .await?;
         cat.narinfos.extend(read.into_iter().flatten());
 
-        cat.pushes = read_records(storage, push_metas, &mut cat.notes).await?;
         cat.reads = read_records(storage, read_metas, &mut cat.notes).await?;
         for l in read_records::<S, Pin>(storage, pin_metas, &mut cat.notes).await? {
             if let Some(p) = l.record {

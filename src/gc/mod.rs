@@ -240,6 +240,7 @@ pub async fn run_with<S: Storage>(
         deadline: started + records::MARKER_TTL,
         deleting: true,
         leases_seen: Vec::new(),
+        finished: false,
     };
     let mut budget = Budget::new(opts.max_delete);
     let mut gone: HashSet<String> = HashSet::new();
@@ -408,8 +409,11 @@ pub async fn run_with<S: Storage>(
         }
     }
     if !opts.dry_run {
-        // Gone: no push needs to wait for this gc any more.
-        storage.delete(layout::GC_MARKER).await?;
+        // Finished: no push waits for it any more, and one that looked before it started
+        // sees that it ran (records::gc_between).
+        marker.finished = true;
+        marker.deleting = false;
+        write_json(storage, layout::GC_MARKER, &marker).await?;
     }
     report.requests = storage.stats();
     Ok(report)
@@ -481,14 +485,15 @@ async fn delete_all<S: Storage>(
 /// protect their paths during this run.
 ///
 /// A record protects while it is a lease, and also, for the rest of this run, once this
-/// run has seen it as one or when its push started after this run's scan began: such a
-/// push may have found paths present and published narinfos referring to them after the
-/// scan, so this run never saw those narinfos, and releasing the lease must not hand the
-/// paths they rely on to this run's stale picture.
+/// run has seen it as one, or when it was not there when the scan listed the records (its
+/// push started after: it may have found paths present and published narinfos referring
+/// to them that this run's scan never saw, and releasing its lease must not hand those
+/// paths to this run's stale picture). A record already released at the scan belongs to a
+/// push that had published everything before the scan listed the narinfos.
 struct Leases {
     records: HashMap<String, (String, Option<PushRecord>)>,
-    /// Pushes that started after this (scan start, less the clock skew) protect anyway.
-    since: i64,
+    /// The keys the scan listed.
+    at_scan: HashSet<String>,
     seen_live: HashSet<String>,
 }
 
@@ -499,7 +504,7 @@ impl Leases {
                 .iter()
                 .map(|l| (l.meta.key.clone(), (l.meta.etag.clone(), l.record.clone())))
                 .collect(),
-            since: scan_started - records::CLOCK_SKEW,
+            at_scan: listed.iter().map(|l| l.meta.key.clone()).collect(),
             seen_live: HashSet::new(),
         };
         l.note_live(scan_started);
@@ -539,9 +544,12 @@ impl Leases {
     /// The records whose paths this run must keep (see the type's comment).
     fn protecting(&self, at: i64) -> Vec<&PushRecord> {
         self.records
-            .values()
-            .filter_map(|(_, r)| r.as_ref())
-            .filter(|r| r.is_lease(at) || r.started >= self.since || self.seen_live.contains(&r.id))
+            .iter()
+            .filter_map(|(k, (_, r))| Some((k, r.as_ref()?)))
+            .filter(|(k, r)| {
+                r.is_lease(at) || !self.at_scan.contains(*k) || self.seen_live.contains(&r.id)
+            })
+            .map(|(_, r)| r)
             .collect()
     }
 }

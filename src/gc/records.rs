@@ -112,13 +112,17 @@ pub struct GcMarker {
     pub deleting: bool,
     /// The leases (push ids) it had seen when it wrote this.
     pub leases_seen: Vec<String>,
+    /// It has ended: the marker stays, so that a push can tell that a gc ran (and may have
+    /// deleted) between two looks at it.
+    #[serde(default)]
+    pub finished: bool,
 }
 
 impl GcMarker {
     /// Whether this gc may still be deleting at `now` (it is alive as far as anyone can
     /// tell from here).
     pub fn is_running(&self, now: i64) -> bool {
-        if self.deadline + CLOCK_SKEW <= now {
+        if self.finished || self.deadline + CLOCK_SKEW <= now {
             return false;
         }
         self.host != host_name() || process_alive(self.pid)
@@ -165,6 +169,22 @@ pub enum RecordError {
     Unreadable { key: String, reason: String },
 }
 
+/// The last gc's marker, if any gc ever ran (one this version cannot read counts as none:
+/// it is a newer cachepush's, and a push then waits on nothing).
+pub async fn last_gc<S: Storage>(storage: &S) -> Result<Option<GcMarker>, RecordError> {
+    match read_json(storage, layout::GC_MARKER).await {
+        Err(RecordError::Unreadable { .. }) => Ok(None),
+        other => other,
+    }
+}
+
+/// Whether a gc may have deleted something between two looks at the marker: one was
+/// deleting at the first look, or another one started since.
+pub fn gc_between(first: Option<&GcMarker>, second: Option<&GcMarker>) -> bool {
+    first.is_some_and(|m| m.deleting && !m.finished)
+        || first.map(|m| &m.id) != second.map(|m| &m.id)
+}
+
 /// A push's lease, from [`Lease::take`] to [`Lease::release`].
 pub struct Lease {
     key: String,
@@ -201,24 +221,19 @@ impl Lease {
 
     /// Waits until no gc could delete what this push finds present: none runs, or the one
     /// that runs has seen this lease. `waiting` is told once, with the gc's marker, when a
-    /// wait begins.
+    /// wait begins. Returns the marker as last seen.
     pub async fn wait_for_gc<S: Storage>(
         &self,
         storage: &S,
         mut waiting: impl FnMut(&GcMarker),
-    ) -> Result<(), RecordError> {
+    ) -> Result<Option<GcMarker>, RecordError> {
         let mut told = false;
         loop {
-            let marker: Option<GcMarker> = match read_json(storage, layout::GC_MARKER).await {
-                Ok(m) => m,
-                // A marker this version cannot read is from a newer cachepush: wait it out
-                // as if it were running, up to its life.
-                Err(RecordError::Unreadable { .. }) => None,
-                Err(e) => return Err(e),
+            let Some(m) = last_gc(storage).await? else {
+                return Ok(None);
             };
-            let Some(m) = marker else { return Ok(()) };
             if !m.deleting || !m.is_running(now()) || m.leases_seen.iter().any(|l| l == self.id()) {
-                return Ok(());
+                return Ok(Some(m));
             }
             if !told {
                 waiting(&m);
@@ -276,8 +291,32 @@ mod tests {
             deadline: 100,
             deleting: true,
             leases_seen: vec![],
+            finished: false,
         };
         assert!(m.is_running(100));
+        assert!(
+            !GcMarker {
+                finished: true,
+                ..m.clone()
+            }
+            .is_running(50)
+        );
+        // Two looks at the marker: a gc deleting at the first, or a new gc since, means
+        // the push asks again what the cache has.
+        let done = GcMarker {
+            finished: true,
+            deleting: false,
+            ..m.clone()
+        };
+        let other = GcMarker {
+            id: "h".into(),
+            ..done.clone()
+        };
+        assert!(!gc_between(None, None));
+        assert!(!gc_between(Some(&done), Some(&done)));
+        assert!(gc_between(None, Some(&done)));
+        assert!(gc_between(Some(&done), Some(&other)));
+        assert!(gc_between(Some(&m), Some(&done)));
         assert!(!m.is_running(100 + CLOCK_SKEW));
         // On this host, a marker whose process is gone is not running.
         let dead = GcMarker {

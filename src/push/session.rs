@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use super::{Event, Plan, PlanOptions, PushOptions, Report, execute, plan};
 use crate::format::{CacheInfo, StorePath, layout};
-use crate::gc::records::{GcMarker, Lease};
+use crate::gc::records::{GcMarker, Lease, gc_between, last_gc};
 use crate::storage::{Storage, StorageError, content_type};
 use crate::store::{LocalStore, StoreError};
 
@@ -147,6 +147,10 @@ pub trait Observer: Sync {
     fn waiting_for_gc(&mut self, marker: &GcMarker) {
         let _ = marker;
     }
+    /// Something worth a line that is not a warning (the roots were pinned).
+    fn info(&mut self, text: &str) {
+        let _ = text;
+    }
 }
 
 /// Ignores everything.
@@ -201,12 +205,21 @@ impl<S: Storage> Session<S> {
                 counts: PlanCounts::of(&plan),
             });
         }
-        // The lease comes before the plan: what the plan finds present, gc keeps until
-        // the lease is released (docs/gc.md).
         let lease_err = |source| PushError::Lease {
             target: storage.describe(),
             source,
         };
+        // The last gc as the plan starts; compared with the one after the lease, it tells
+        // whether the plan can be trusted (below).
+        let gc_before = last_gc(&**storage).await.map_err(lease_err)?;
+        let plan0 = self.plan(closure.clone()).await?;
+        if plan0.to_send.is_empty() && req.pin.is_none() {
+            // Nothing to publish, so nothing can be left referring to a path a gc takes
+            // meanwhile: no lease, and a no-op push writes nothing.
+            return self.run_planned(plan0, observer, cancel).await;
+        }
+        // The lease before anything is published: what the plan relies on being present,
+        // gc keeps until the lease is released (docs/gc.md).
         let lease = Lease::take(
             &**storage,
             closure
@@ -216,11 +229,20 @@ impl<S: Storage> Session<S> {
         .await
         .map_err(lease_err)?;
         let run = async {
-            lease
+            let gc_after = lease
                 .wait_for_gc(&**storage, |m| observer.waiting_for_gc(m))
                 .await
                 .map_err(lease_err)?;
-            let outcome = self.run_planned(closure, observer, cancel).await?;
+            // A path the first plan found present may have gone to a gc that ran before it
+            // saw the lease: then ask again. With none running since the plan began, or
+            // nothing present, the plan stands.
+            let plan =
+                if plan0.present.is_empty() || !gc_between(gc_before.as_ref(), gc_after.as_ref()) {
+                    plan0
+                } else {
+                    self.plan(closure).await?
+                };
+            let outcome = self.run_planned(plan, observer, cancel).await?;
             if let (Some((name, keep)), Outcome::Done { report, .. }) = (&req.pin, &outcome) {
                 if report.failed.is_empty() {
                     let roots: Vec<String> =
@@ -231,7 +253,7 @@ impl<S: Storage> Session<S> {
                             target: storage.describe(),
                             source,
                         })?;
-                    observer.notice(&format!("pinned as {name}"));
+                    observer.info(&format!("pinned as {name}"));
                 } else {
                     observer.notice(&format!(
                         "not pinned as {name}: some paths were not published"
@@ -260,12 +282,11 @@ impl<S: Storage> Session<S> {
 
     async fn run_planned(
         &self,
-        closure: Vec<crate::store::PathInfo>,
+        plan: Plan,
         observer: &mut impl Observer,
         cancel: impl Future<Output = ()>,
     ) -> Result<Outcome, PushError> {
         let storage = &self.storage;
-        let plan = self.plan(closure).await?;
         observer.planned(&plan);
         let counts = PlanCounts::of(&plan);
         let settings = (self.push_opts.priority, self.push_opts.want_mass_query);
