@@ -307,6 +307,15 @@ pub fn run_pin(a: PinArgs) -> Result<ExitCode, Failure> {
                 s3,
             } => {
                 pins::check_name(&name).map_err(Failure::from)?;
+                // `./result` and other links to store paths, as `copy` takes them; a store
+                // path this machine does not have is still named by its text.
+                let paths: Vec<String> = paths
+                    .iter()
+                    .map(|p| {
+                        std::fs::canonicalize(p)
+                            .map_or_else(|_| p.clone(), |real| real.display().to_string())
+                    })
+                    .collect();
                 let s = open_cache(&url, &s3).await?;
                 let pin = pins::add(&s, &name, &paths, keep as usize)
                     .await

@@ -1,15 +1,17 @@
 //! What pushes and gateways tell gc through the bucket, and how gc tells pushes it runs.
 //!
 //! The protocol (its guarantee is stated in docs/gc.md):
-//! - A push writes a **push record** (its closure's hash parts and NAR hashes) before it
-//!   asks what the cache has, renews it while it runs, and marks it released at the end.
-//!   While unreleased and unexpired it is a **lease**: gc keeps everything it names. After
-//!   release it stays as the record that the paths were pushed (recency for `--keep-days`)
-//!   until gc folds it into its index.
-//! - gc writes its **marker** before it deletes anything, and after every reading of the
-//!   leases it lists the leases it has seen. A push that finds a marker of a gc that is
-//!   deleting and has not yet seen its lease waits until it has (or the gc is gone), so
-//!   that every path the push finds present stays present until the push has finished.
+//! - A push with anything to publish writes a **push record** (its closure's hash parts and
+//!   NAR hashes) before it writes anything else, renews it while it runs, and marks it
+//!   released at the end. While unreleased and unexpired it is a **lease**: gc keeps
+//!   everything it names. After release it stays as the record that the paths were pushed
+//!   (recency for `--keep-days`) until gc folds it into its index.
+//! - gc writes its **marker** before it deletes anything, lists the leases it has seen after
+//!   every reading of them, and marks itself finished at the end (the marker stays).
+//! - A push reads the marker before its plan and again after its lease. A gc deleting, or a
+//!   new gc, in between means the plan may be stale: it plans again. A gc deleting that has
+//!   not seen the lease yet makes the push wait until it has. So every path the push relies
+//!   on being present stays present until the push has finished.
 //! - A gateway with `--record-access` writes **read records**: hash parts it served.
 
 use std::time::Duration;
