@@ -163,24 +163,61 @@ pub fn mark(
     (live, roots)
 }
 
-/// The dead narinfos that may go now: none of them is referred to by a dead narinfo still
-/// present (so deleting them never leaves a reference dangling).
-pub fn next_wave(cat: &Catalog, live: &HashSet<String>, gone: &HashSet<String>) -> Vec<String> {
-    let dead = |h: &str| cat.narinfos.contains_key(h) && !live.contains(h) && !gone.contains(h);
-    let mut referred: HashSet<&str> = HashSet::new();
-    for (h, e) in &cat.narinfos {
-        if dead(h) {
-            referred.extend(e.refs.iter().map(String::as_str));
+/// The dead narinfos in the order they may go: one is ready once no dead narinfo still
+/// present refers to it (so deleting it never leaves a reference dangling). Kahn's
+/// algorithm over the dead part of the graph, so a deep chain costs no rescans.
+pub struct Waves {
+    /// Dead referrers still present, of each dead narinfo not yet ready.
+    waiting: HashMap<String, usize>,
+    ready: std::collections::BTreeSet<String>,
+}
+
+impl Waves {
+    pub fn new(cat: &Catalog, live: &HashSet<String>, gone: &HashSet<String>) -> Self {
+        let dead = |h: &str| cat.narinfos.contains_key(h) && !live.contains(h) && !gone.contains(h);
+        let mut waiting: HashMap<String, usize> = HashMap::new();
+        for (h, e) in &cat.narinfos {
+            if dead(h) {
+                waiting.entry(h.clone()).or_insert(0);
+                for r in e.refs.iter().filter(|r| dead(r)) {
+                    *waiting.entry(r.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        let ready = waiting
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(h, _)| h.clone())
+            .collect();
+        waiting.retain(|_, n| *n > 0);
+        Waves { waiting, ready }
+    }
+
+    /// Up to `n` narinfos that may go now.
+    pub fn take(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::with_capacity(n.min(self.ready.len()));
+        while out.len() < n {
+            let Some(h) = self.ready.pop_first() else {
+                break;
+            };
+            out.push(h);
+        }
+        out
+    }
+
+    /// `h` is gone: what it referred to has one dead referrer fewer.
+    pub fn deleted(&mut self, cat: &Catalog, h: &str) {
+        let Some(e) = cat.narinfos.get(h) else { return };
+        for r in &e.refs {
+            if let Some(n) = self.waiting.get_mut(r) {
+                *n -= 1;
+                if *n == 0 {
+                    self.waiting.remove(r);
+                    self.ready.insert(r.clone());
+                }
+            }
         }
     }
-    let mut wave: Vec<String> = cat
-        .narinfos
-        .keys()
-        .filter(|h| dead(h) && !referred.contains(h.as_str()))
-        .cloned()
-        .collect();
-    wave.sort();
-    wave
 }
 
 /// Runs gc on `storage`; `progress` hears each phase as it starts.
@@ -252,22 +289,34 @@ pub async fn run_with<S: Storage>(
         write_json(storage, layout::GC_MARKER, &marker).await?;
     }
     progress("deleting narinfos outside the live set");
+    // Reading the leases again more often than this only makes waiting pushes wait less;
+    // safety does not depend on it (a push that wrote its lease since waits for the ack,
+    // and plans again once it has it).
+    const REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+    let mut refreshed: Option<std::time::Instant> = None;
+    let mut waves = Waves::new(cat, &live, &gone);
     loop {
-        if !opts.dry_run {
+        if !opts.dry_run && refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
             leases.refresh(storage, &mut report.notes).await?;
+            refreshed = Some(std::time::Instant::now());
             let at = now();
             let (l, _) = mark(cat, opts, &leases.protecting(at), started);
-            live = l;
-            marker.leases_seen = leases.protecting(at).iter().map(|r| r.id.clone()).collect();
-            marker.deadline = at + records::MARKER_TTL;
-            write_json(storage, layout::GC_MARKER, &marker).await?;
+            if l != live {
+                live = l;
+                waves = Waves::new(cat, &live, &gone);
+            }
+            let seen: Vec<String> = leases.protecting(at).iter().map(|r| r.id.clone()).collect();
+            if seen != marker.leases_seen || at + records::MARKER_TTL / 2 > marker.deadline {
+                marker.leases_seen = seen;
+                marker.deadline = at + records::MARKER_TTL;
+                write_json(storage, layout::GC_MARKER, &marker).await?;
+            }
         }
-        let wave = next_wave(cat, &live, &gone);
-        if wave.is_empty() {
+        // One batch of what may go now, then the leases again.
+        let batch = waves.take(BATCH);
+        if batch.is_empty() {
             break;
         }
-        // One batch, then the leases again and the wave anew (it holds the rest).
-        let batch: Vec<String> = wave.into_iter().take(BATCH).collect();
         let Some(batch) = budget.take(&batch, &mut report) else {
             break;
         };
@@ -277,13 +326,14 @@ pub async fn run_with<S: Storage>(
             .collect();
         let done = delete_all(storage, opts, keys, &mut report).await;
         for (h, ok) in batch.iter().zip(done) {
-            // A narinfo that failed to go stays dead-but-present: what it names stays.
             gone.insert(h.clone());
             if ok {
                 report.deleted_narinfos += 1;
+                waves.deleted(cat, h);
             } else {
+                // It stays, and so does everything it names: its references keep a
+                // referrer that never goes.
                 report.failed.push(layout::narinfo_key(h));
-                live.insert(h.clone());
             }
         }
     }
@@ -551,5 +601,190 @@ impl Leases {
             })
             .map(|(_, r)| r)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index::Entry;
+    use super::pins::{Pin, Revision};
+    use super::*;
+
+    fn entry(refs: &[&str], modified: i64) -> Entry {
+        Entry {
+            etag: String::new(),
+            modified,
+            size: 1,
+            name: "x".into(),
+            nar: None,
+            nar_size: 0,
+            file_size: 0,
+            compression: String::new(),
+            refs: refs.iter().map(|r| r.to_string()).collect(),
+            deriver: None,
+            pushed: 0,
+            read: 0,
+            broken: None,
+        }
+    }
+
+    /// a → b → c, d → c, e alone (written now).
+    fn catalog() -> Catalog {
+        let mut cat = Catalog::default();
+        for (h, refs, t) in [
+            ("a", &["b"][..], 0),
+            ("b", &["c"][..], 0),
+            ("c", &[][..], 0),
+            ("d", &["c"][..], 0),
+            ("e", &[][..], 1_000_000),
+        ] {
+            cat.narinfos.insert(h.into(), entry(refs, t));
+        }
+        cat
+    }
+
+    fn opts(keep_days: u64) -> GcOptions {
+        GcOptions {
+            keep_days,
+            keep_read_days: 0,
+            ..GcOptions::default()
+        }
+    }
+
+    fn set(v: &[&str]) -> HashSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn roots_keep_whole_closures_and_waves_delete_referrers_first() {
+        let mut cat = catalog();
+        let now = 1_000_000;
+        // Nothing pinned, nothing recent by keep-days 0: all goes, referrers first.
+        let (live, _) = mark(&cat, &opts(0), &[], now);
+        assert!(live.is_empty());
+        let mut waves = Waves::new(&cat, &live, &HashSet::new());
+        let mut order = Vec::new();
+        loop {
+            let w = waves.take(10);
+            if w.is_empty() {
+                break;
+            }
+            for h in &w {
+                waves.deleted(&cat, h);
+            }
+            order.push(w);
+        }
+        assert_eq!(order, vec![vec!["a", "d", "e"], vec!["b"], vec!["c"]]);
+        // A referrer that failed to go is never deleted: what it names stays waiting.
+        let mut waves = Waves::new(&cat, &live, &HashSet::new());
+        assert_eq!(waves.take(1), vec!["a"]);
+        assert_eq!(waves.take(10), vec!["d", "e"]);
+        waves.deleted(&cat, "d");
+        waves.deleted(&cat, "e");
+        assert!(waves.take(10).is_empty(), "b waits on a, c on b");
+
+        // Recency keeps e only; a pin on a keeps a, b, c; d goes alone.
+        let (live, roots) = mark(&cat, &opts(1), &[], now);
+        assert_eq!(live, set(&["e"]));
+        assert_eq!(roots.recent, 1);
+        cat.pins.push(Pin {
+            version: 1,
+            name: "p".into(),
+            revisions: vec![Revision {
+                added: 0,
+                paths: vec![format!("/nix/store/{}-x", "0".repeat(32))],
+            }],
+        });
+        cat.narinfos.insert("0".repeat(32), entry(&["a"], 0));
+        let (live, roots) = mark(&cat, &opts(0), &[], now);
+        assert_eq!(live, set(&[&"0".repeat(32), "a", "b", "c"]));
+        assert_eq!(roots.pinned, 1);
+        assert_eq!(
+            Waves::new(&cat, &live, &HashSet::new()).take(10),
+            vec!["d", "e"]
+        );
+
+        // A lease keeps d, and with it c, even with no narinfo for some of its paths.
+        let lease = PushRecord {
+            version: 1,
+            id: "l".into(),
+            host: String::new(),
+            pid: 0,
+            started: now,
+            expires: now + 60,
+            paths: vec!["d".into(), "not-there".into()],
+            nar_hashes: vec![],
+        };
+        // Leases are matched by id for the marker; this one is live.
+        assert!(lease.is_lease(now));
+        let (live, roots) = mark(&cat, &opts(0), &[&lease], now);
+        assert!(live.contains("d") && live.contains("c"));
+        assert_eq!(roots.leased, 1);
+
+        // An unreadable narinfo is kept with what it names.
+        cat.narinfos.get_mut("e").unwrap().broken = Some("bad".into());
+        cat.narinfos.get_mut("e").unwrap().refs = vec!["d".into()];
+        let (live, roots) = mark(&cat, &opts(0), &[], now);
+        assert!(live.contains("e") && live.contains("d") && live.contains("c"));
+        assert_eq!(roots.unreadable, 1);
+    }
+
+    /// The three ways a push record protects during a run (each a hole the concurrent
+    /// push + gc test found when it was missing).
+    #[test]
+    fn records_protect_while_leased_once_seen_live_and_when_new_since_the_scan() {
+        let now = 1_000;
+        let rec = |id: &str, expires: i64| PushRecord {
+            version: 1,
+            id: id.into(),
+            host: String::new(),
+            pid: 0,
+            started: now - 5,
+            expires,
+            paths: vec![id.into()],
+            nar_hashes: vec![],
+        };
+        let listed = |r: PushRecord| Listed {
+            meta: crate::storage::ObjectMeta {
+                key: format!("cachepush/pushes/{}", r.id),
+                size: 1,
+                modified: now,
+                etag: "1".into(),
+            },
+            record: Some(r),
+        };
+        let mut leases = Leases::from_listing(
+            &[listed(rec("live", now + 600)), listed(rec("done", 0))],
+            now,
+        );
+        let ids = |l: &Leases| -> Vec<String> {
+            let mut v: Vec<String> = l.protecting(now).iter().map(|r| r.id.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&leases), ["live"]);
+        // The live one is released during the run: it still protects (its narinfos may be
+        // newer than the scan). A record new since the scan protects even released.
+        leases.records.insert(
+            "cachepush/pushes/live".into(),
+            ("2".into(), Some(rec("live", 0))),
+        );
+        leases.records.insert(
+            "cachepush/pushes/new".into(),
+            ("1".into(), Some(rec("new", 0))),
+        );
+        assert_eq!(ids(&leases), ["live", "new"]);
+    }
+
+    #[test]
+    fn the_budget_stops_and_says_why() {
+        let mut r = GcReport::default();
+        let mut b = Budget::new(Some(3));
+        assert_eq!(b.take(&[1, 2], &mut r), Some(&[1, 2][..]));
+        assert_eq!(b.take(&[3, 4], &mut r), Some(&[3][..]));
+        assert_eq!(b.take(&[5], &mut r), None);
+        assert!(r.stopped.is_some());
+        let mut unlimited = Budget::new(None);
+        assert_eq!(unlimited.take(&[1], &mut r), Some(&[1][..]));
     }
 }
