@@ -636,7 +636,7 @@ def report(r, short):
                      f"{x['fetched_narinfos']} | {x['deleted_narinfos']} / {x['deleted_nars']} | {x['kept_narinfos']} | {req} |")
     L += ["", "## Gateway", "", "| measurement | requests/s | p50 | p99 | MB/s |", "|---|---|---|---|---|"]
     for k, g in r["gateway"].items():
-        few = f"too few samples ({g['requests']})"
+        few = f"too few samples ({g.get('requests', '?')})"
         p50 = f"{g['p50_ms']:.3f} ms" if g["p50_ms"] is not None else few
         p99 = f"{g['p99_ms']:.3f} ms" if g["p99_ms"] is not None else few
         mb = f"{g['MBps']:.0f}" if g["MBps"] else "–"

@@ -140,9 +140,10 @@ impl Index {
         let Some(bytes) = storage.get_limited(layout::GC_INDEX, INDEX_LIMIT).await? else {
             return Ok(Index::default());
         };
-        let decoded = zstd::decode_all(&bytes[..])
+        // Decoded as it decompresses: the JSON text is never whole in memory.
+        let decoded = zstd::Decoder::new(&bytes[..])
             .map_err(|e| e.to_string())
-            .and_then(|raw| serde_json::from_slice::<Index>(&raw).map_err(|e| e.to_string()));
+            .and_then(|d| serde_json::from_reader::<_, Index>(d).map_err(|e| e.to_string()));
         match decoded {
             Ok(i) if i.version == INDEX_VERSION => Ok(i),
             Ok(i) => {
@@ -162,18 +163,13 @@ impl Index {
             }
         }
     }
+}
 
-    pub async fn save<S: Storage>(&self, storage: &S) -> Result<(), StorageError> {
-        let json = serde_json::to_vec(self).map_err(|e| StorageError::Config(e.to_string()))?;
-        let body = zstd::encode_all(&json[..], 3).map_err(|e| StorageError::Io {
-            op: "compress",
-            key: layout::GC_INDEX.to_owned(),
-            source: e,
-        })?;
-        storage
-            .put(layout::GC_INDEX, content_type::ZSTD, Bytes::from(body))
-            .await
-    }
+/// The index as written: the catalog's entries by reference, less those deleted.
+#[derive(Serialize)]
+struct IndexView<'a> {
+    version: u32,
+    entries: std::collections::BTreeMap<&'a str, &'a Entry>,
 }
 
 /// A record as listed, and what it says when it could be read.
@@ -316,17 +312,33 @@ impl Catalog {
         }
     }
 
-    /// The index of the narinfos that remain, once `deleted` are gone.
-    pub fn index_without(&self, deleted: &std::collections::HashSet<String>) -> Index {
-        Index {
+    /// Writes the index of the narinfos that remain, once `deleted` are gone, compressed
+    /// as it is serialised (no copy of the entries, no whole JSON text in memory).
+    pub async fn save_index<S: Storage>(
+        &self,
+        storage: &S,
+        deleted: &std::collections::HashSet<String>,
+    ) -> Result<(), StorageError> {
+        let view = IndexView {
             version: INDEX_VERSION,
             entries: self
                 .narinfos
                 .iter()
                 .filter(|(h, _)| !deleted.contains(*h))
-                .map(|(h, e)| (h.clone(), e.clone()))
+                .map(|(h, e)| (h.as_str(), e))
                 .collect(),
-        }
+        };
+        let io = |e: std::io::Error| StorageError::Io {
+            op: "compress",
+            key: layout::GC_INDEX.to_owned(),
+            source: e,
+        };
+        let mut enc = zstd::Encoder::new(Vec::new(), 3).map_err(io)?;
+        serde_json::to_writer(&mut enc, &view).map_err(|e| io(std::io::Error::other(e)))?;
+        let body = enc.finish().map_err(io)?;
+        storage
+            .put(layout::GC_INDEX, content_type::ZSTD, Bytes::from(body))
+            .await
     }
 }
 

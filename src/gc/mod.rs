@@ -265,54 +265,43 @@ pub async fn run_with<S: Storage>(
         cat.nars.len()
     ));
 
-    let mut leases = Leases::from_listing(&cat.pushes, started);
-    let (mut live, roots) = mark(cat, opts, &leases.protecting(started), started);
-    report.roots = roots;
-    let mut marker = GcMarker {
-        version: 1,
-        id,
-        host: records::host_name(),
-        pid: std::process::id(),
-        started,
-        deadline: started + records::MARKER_TTL,
-        deleting: true,
-        leases_seen: Vec::new(),
-        finished: false,
+    let mut watch = Watch {
+        leases: Leases::from_listing(&cat.pushes, started),
+        marker: GcMarker {
+            version: 1,
+            id,
+            host: records::host_name(),
+            pid: std::process::id(),
+            started,
+            deadline: started + records::MARKER_TTL,
+            deleting: true,
+            leases_seen: Vec::new(),
+            finished: false,
+        },
+        refreshed: None,
+        dry_run: opts.dry_run,
     };
+    let (mut live, roots) = mark(cat, opts, &watch.leases.protecting(started), started);
+    report.roots = roots;
     let mut budget = Budget::new(opts.max_delete);
     let mut gone: HashSet<String> = HashSet::new();
 
-    // 1. Narinfos, referrers first, reading the leases before every batch.
+    // 1. Narinfos, referrers first, reading the leases again between batches.
     if !opts.dry_run {
         // Announced before the leases are read: a push that writes its lease after this
         // read finds the marker and waits until a later read has seen it.
-        write_json(storage, layout::GC_MARKER, &marker).await?;
+        write_json(storage, layout::GC_MARKER, &watch.marker).await?;
     }
     progress("deleting narinfos outside the live set");
-    // Reading the leases again more often than this only makes waiting pushes wait less;
-    // safety does not depend on it (a push that wrote its lease since waits for the ack,
-    // and plans again once it has it).
-    const REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
-    let mut refreshed: Option<std::time::Instant> = None;
     let mut waves = Waves::new(cat, &live, &gone);
     loop {
-        if !opts.dry_run && refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
-            leases.refresh(storage, &mut report.notes).await?;
-            refreshed = Some(std::time::Instant::now());
-            let at = now();
-            let (l, _) = mark(cat, opts, &leases.protecting(at), started);
+        if watch.keep_up(storage, &mut report.notes).await? {
+            let (l, _) = mark(cat, opts, &watch.leases.protecting(now()), started);
             if l != live {
                 live = l;
                 waves = Waves::new(cat, &live, &gone);
             }
-            let seen: Vec<String> = leases.protecting(at).iter().map(|r| r.id.clone()).collect();
-            if seen != marker.leases_seen || at + records::MARKER_TTL / 2 > marker.deadline {
-                marker.leases_seen = seen;
-                marker.deadline = at + records::MARKER_TTL;
-                write_json(storage, layout::GC_MARKER, &marker).await?;
-            }
         }
-        // One batch of what may go now, then the leases again.
         let batch = waves.take(BATCH);
         if batch.is_empty() {
             break;
@@ -324,17 +313,25 @@ pub async fn run_with<S: Storage>(
             .iter()
             .map(|h| (layout::narinfo_key(h), cat.narinfos[h].size))
             .collect();
-        let done = delete_all(storage, opts, keys, &mut report).await;
-        for (h, ok) in batch.iter().zip(done) {
-            gone.insert(h.clone());
-            if ok {
-                report.deleted_narinfos += 1;
-                waves.deleted(cat, h);
-            } else {
+        let done = delete_all(storage, opts, keys, watch.deadline(), &mut report).await;
+        for (h, outcome) in batch.iter().zip(done) {
+            match outcome {
+                Deletion::Done => {
+                    gone.insert(h.clone());
+                    report.deleted_narinfos += 1;
+                    waves.deleted(cat, h);
+                }
                 // It stays, and so does everything it names: its references keep a
                 // referrer that never goes.
-                report.failed.push(layout::narinfo_key(h));
+                Deletion::Failed => {
+                    gone.insert(h.clone());
+                    report.failed.push(layout::narinfo_key(h));
+                }
+                Deletion::OutOfTime => out_of_time(&mut report),
             }
+        }
+        if report.stopped.is_some() {
+            break;
         }
     }
     let failed: HashSet<String> = report
@@ -348,7 +345,11 @@ pub async fn run_with<S: Storage>(
     // 2. The index of what remains, then the records it now holds.
     if !opts.dry_run {
         progress("saving the index");
-        cat.index_without(&deleted).save(storage).await?;
+        // Unchanged (nothing read, nothing deleted, no record to fold): no need to write it.
+        if cat.fetched > 0 || !deleted.is_empty() || !cat.pushes.is_empty() || !cat.reads.is_empty()
+        {
+            cat.save_index(storage, &deleted).await?;
+        }
         let at = now();
         let folded: Vec<(String, u64)> = cat
             .pushes
@@ -362,24 +363,20 @@ pub async fn run_with<S: Storage>(
                     .map(|l| (l.meta.key.clone(), 0)),
             )
             .collect();
-        let n = folded.len() as u64;
-        let done = delete_all(storage, opts, folded, &mut GcReport::default()).await;
-        report.deleted_records = done.iter().filter(|ok| **ok).count() as u64;
-        debug_assert!(report.deleted_records <= n);
+        let done = delete_all(
+            storage,
+            opts,
+            folded,
+            watch.deadline(),
+            &mut GcReport::default(),
+        )
+        .await;
+        report.deleted_records = done.iter().filter(|d| **d == Deletion::Done).count() as u64;
     }
 
     // 3. What no remaining narinfo names, past the grace period and no lease's.
     if report.stopped.is_none() {
         progress("deleting unreferenced NARs, listings and logs");
-        if !opts.dry_run {
-            leases.refresh(storage, &mut report.notes).await?;
-        }
-        let at = now();
-        let protected: HashSet<&str> = leases
-            .protecting(at)
-            .iter()
-            .flat_map(|r| r.nar_hashes.iter().map(String::as_str))
-            .collect();
         let remaining = cat.narinfos.iter().filter(|(h, _)| !deleted.contains(*h));
         let mut named: HashSet<&str> = HashSet::new();
         let mut derivers: HashSet<&str> = HashSet::new();
@@ -391,6 +388,7 @@ pub async fn run_with<S: Storage>(
                 derivers.insert(d.as_str());
             }
         }
+        let at = now();
         // Whole seconds: with `--grace 0s` an object written this second counts as old.
         let old = |m: &crate::storage::ObjectMeta| m.modified <= at - opts.grace_secs;
         let mut nars = Vec::new();
@@ -398,11 +396,7 @@ pub async fn run_with<S: Storage>(
             if named.contains(m.key.as_str()) {
                 continue;
             }
-            let hash = m.key[layout::NAR_DIR.len()..]
-                .split('.')
-                .next()
-                .unwrap_or("");
-            if old(m) && !protected.contains(hash) {
+            if old(m) {
                 nars.push((m.key.clone(), m.size));
             } else {
                 report.kept_unreferenced_nars += 1;
@@ -423,16 +417,36 @@ pub async fn run_with<S: Storage>(
             .filter(|m| !derivers.contains(&m.key["log/".len()..]) && old(m))
             .map(|m| (m.key.clone(), m.size))
             .collect();
-        for (kind, keys) in [(0, nars), (1, listings), (2, logs)] {
+        'kinds: for (kind, keys) in [(0, nars), (1, listings), (2, logs)] {
             for batch in keys.chunks(BATCH) {
-                let Some(batch) = budget.take(batch, &mut report) else {
-                    break;
+                // A running push may upload a NAR under a key this scan saw unreferenced
+                // (the same bytes as a path deleted here): the NARs its lease names stay.
+                watch.keep_up(storage, &mut report.notes).await?;
+                let protected: HashSet<String> = watch
+                    .leases
+                    .protecting(now())
+                    .iter()
+                    .flat_map(|r| r.nar_hashes.iter().cloned())
+                    .collect();
+                let (batch, kept): (Vec<_>, Vec<_>) = batch.iter().cloned().partition(|(k, _)| {
+                    let hash = k[layout::NAR_DIR.len().min(k.len())..]
+                        .split('.')
+                        .next()
+                        .unwrap_or("");
+                    kind != 0 || !protected.contains(hash)
+                });
+                report.kept_unreferenced_nars += kept.len() as u64;
+                let Some(batch) = budget.take(&batch, &mut report) else {
+                    break 'kinds;
                 };
-                let done = delete_all(storage, opts, batch.to_vec(), &mut report).await;
-                let ok = done.iter().filter(|ok| **ok).count() as u64;
-                for ((k, _), ok) in batch.iter().zip(&done) {
-                    if !ok {
-                        report.failed.push(k.clone());
+                let done =
+                    delete_all(storage, opts, batch.to_vec(), watch.deadline(), &mut report).await;
+                let mut ok = 0;
+                for ((k, _), d) in batch.iter().zip(&done) {
+                    match d {
+                        Deletion::Done => ok += 1,
+                        Deletion::Failed => report.failed.push(k.clone()),
+                        Deletion::OutOfTime => out_of_time(&mut report),
                     }
                 }
                 match kind {
@@ -440,13 +454,16 @@ pub async fn run_with<S: Storage>(
                     1 => report.deleted_listings += ok,
                     _ => report.deleted_logs += ok,
                 }
+                if report.stopped.is_some() {
+                    break 'kinds;
+                }
             }
         }
 
         // 4. Multipart uploads nobody will finish: older than the grace period and than
         // every running push.
-        if !opts.dry_run {
-            let oldest_lease = leases.protecting(at).iter().map(|r| r.started).min();
+        if !opts.dry_run && report.stopped.is_none() {
+            let oldest_lease = watch.leases.protecting(at).iter().map(|r| r.started).min();
             let cutoff = (at - opts.grace_secs)
                 .min(oldest_lease.map_or(i64::MAX, |s| s - records::CLOCK_SKEW));
             match storage.abort_uploads_started_before(cutoff).await {
@@ -461,9 +478,10 @@ pub async fn run_with<S: Storage>(
     if !opts.dry_run {
         // Finished: no push waits for it any more, and one that looked before it started
         // sees that it ran (records::gc_between).
+        let marker = &mut watch.marker;
         marker.finished = true;
         marker.deleting = false;
-        write_json(storage, layout::GC_MARKER, &marker).await?;
+        write_json(storage, layout::GC_MARKER, marker).await?;
     }
     report.requests = storage.stats();
     Ok(report)
@@ -497,38 +515,115 @@ impl Budget {
     }
 }
 
-/// Deletes `keys` (key, bytes), `opts.concurrency` at once; in a dry run only notes them.
-/// Returns whether each went.
+/// What became of one deletion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Deletion {
+    Done,
+    Failed,
+    /// Not tried: the marker's deadline was too near (pushes stop waiting for this gc then).
+    OutOfTime,
+}
+
+fn out_of_time(report: &mut GcReport) {
+    report.stopped.get_or_insert_with(|| {
+        "stopped: deletions took longer than the gc marker's lifetime; run gc again".to_owned()
+    });
+}
+
+/// Deletes `keys` (key, bytes), `opts.concurrency` at once, none after `deadline`; in a
+/// dry run only notes them.
 async fn delete_all<S: Storage>(
     storage: &S,
     opts: &GcOptions,
     keys: Vec<(String, u64)>,
+    deadline: i64,
     report: &mut GcReport,
-) -> Vec<bool> {
+) -> Vec<Deletion> {
     if opts.dry_run {
         for (k, bytes) in &keys {
             report.freed_bytes += bytes;
             report.would_delete.push(k.clone());
         }
-        return vec![true; keys.len()];
+        return vec![Deletion::Done; keys.len()];
     }
-    let results: Vec<(usize, Result<(), StorageError>)> =
+    let results: Vec<(usize, Option<Result<(), StorageError>>)> =
         futures::stream::iter(keys.iter().enumerate())
-            .map(|(i, (k, _))| async move { (i, storage.delete(k).await) })
+            .map(|(i, (k, _))| async move {
+                // A margin for the request itself and the clocks' skew.
+                if now() + 10 >= deadline {
+                    return (i, None);
+                }
+                (i, Some(storage.delete(k).await))
+            })
             .buffer_unordered(opts.concurrency.max(1))
             .collect()
             .await;
-    let mut ok = vec![false; keys.len()];
+    let mut out = vec![Deletion::Failed; keys.len()];
     for (i, r) in results {
-        match r {
-            Ok(()) => {
-                ok[i] = true;
+        out[i] = match r {
+            None => Deletion::OutOfTime,
+            Some(Ok(())) => {
                 report.freed_bytes += keys[i].1;
+                Deletion::Done
             }
-            Err(e) => report.notes.push(e.to_string()),
+            Some(Err(e)) => {
+                report.notes.push(e.to_string());
+                Deletion::Failed
+            }
+        };
+    }
+    out
+}
+
+/// The leases and this run's marker, kept up to date between batches of deletions.
+struct Watch {
+    leases: Leases,
+    marker: GcMarker,
+    refreshed: Option<std::time::Instant>,
+    dry_run: bool,
+}
+
+/// Reading the leases more often than this only makes waiting pushes wait less; safety
+/// does not depend on it (a push that wrote its lease since waits for the ack, and plans
+/// again once it has it).
+const REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Watch {
+    /// Reads the leases again when due and renews the marker when what it says changed or
+    /// its deadline nears. True when the leases were read.
+    async fn keep_up<S: Storage>(
+        &mut self,
+        storage: &S,
+        notes: &mut Vec<String>,
+    ) -> Result<bool, GcError> {
+        if self.dry_run || self.refreshed.is_some_and(|t| t.elapsed() < REFRESH) {
+            return Ok(false);
+        }
+        self.leases.refresh(storage, notes).await?;
+        self.refreshed = Some(std::time::Instant::now());
+        let at = now();
+        let seen: Vec<String> = self
+            .leases
+            .protecting(at)
+            .iter()
+            .map(|r| r.id.clone())
+            .collect();
+        if seen != self.marker.leases_seen || at + records::MARKER_TTL / 2 > self.marker.deadline {
+            self.marker.leases_seen = seen;
+            self.marker.deadline = at + records::MARKER_TTL;
+            write_json(storage, layout::GC_MARKER, &self.marker).await?;
+        }
+        Ok(true)
+    }
+
+    /// No deletion after this (a dry run deletes nothing anyway).
+    fn deadline(&self) -> i64 {
+        if self.dry_run {
+            i64::MAX
+        } else {
+            self.marker.deadline
         }
     }
-    ok
 }
 
 /// The push records, read once each and again only when they change, and which of them
