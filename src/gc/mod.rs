@@ -292,7 +292,11 @@ pub async fn run_with<S: Storage>(
         // read finds the marker and waits until a later read has seen it.
         write_json(storage, layout::GC_MARKER, &watch.marker).await?;
     }
-    progress("deleting narinfos outside the live set");
+    progress(if opts.dry_run {
+        "finding the narinfos outside the live set (dry run)"
+    } else {
+        "deleting narinfos outside the live set"
+    });
     let mut waves = Waves::new(cat, &live, &gone);
     loop {
         if watch.keep_up(storage, &mut report.notes).await? {
@@ -376,7 +380,11 @@ pub async fn run_with<S: Storage>(
 
     // 3. What no remaining narinfo names, past the grace period and no lease's.
     if report.stopped.is_none() {
-        progress("deleting unreferenced NARs, listings and logs");
+        progress(if opts.dry_run {
+            "finding unreferenced NARs, listings and logs (dry run)"
+        } else {
+            "deleting unreferenced NARs, listings and logs"
+        });
         let remaining = cat.narinfos.iter().filter(|(h, _)| !deleted.contains(*h));
         let mut named: HashSet<&str> = HashSet::new();
         let mut derivers: HashSet<&str> = HashSet::new();

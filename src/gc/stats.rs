@@ -71,7 +71,8 @@ pub async fn stats<S: Storage>(
         dry_run: true,
         ..opts.clone()
     };
-    s.gc = run_with(storage, &cat, &dry, progress, at).await?;
+    progress("working out what gc would free");
+    s.gc = run_with(storage, &cat, &dry, &mut |_| {}, at).await?;
     s.gc.would_delete.clear();
     Ok(s)
 }
