@@ -355,6 +355,9 @@ def gateway_bench(server, key, w1_bucket, w1_paths, w2_paths, secs):
         g.kill(), ga.kill()
     # NAR throughput: the W2 NAR from a public-read bucket directly, and through the gateway.
     prefix = f"w2-{os.getpid()}"
+    # SeaweedFS makes "public" anonymously readable (scripts/s3-servers.sh); it must exist
+    # first, as with any S3 server: pushes do not create buckets.
+    server.bucket("public", name="public")
     cachepush_push(server, "public", key, w2_paths, prefix=prefix)
     nar = next(k for k in list_keys(server, "public", prefix) if "/nar/" in k)
     gp, gp_port = gateway(server, "public", ["--nar-delivery", "proxy"], prefix=prefix)

@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use super::{Event, Plan, PlanOptions, PushOptions, Report, execute, plan};
 use crate::format::{CacheInfo, StorePath, layout};
-use crate::gc::records::{GcMarker, Lease, gc_between, last_gc};
+use crate::gc::records::{GcMarker, Lease, RecordError, gc_between, last_gc};
 use crate::storage::{Storage, StorageError, content_type};
 use crate::store::{LocalStore, StoreError};
 
@@ -211,7 +211,14 @@ impl<S: Storage> Session<S> {
         };
         // The last gc as the plan starts; compared with the one after the lease, it tells
         // whether the plan can be trusted (below).
-        let gc_before = last_gc(&**storage).await.map_err(lease_err)?;
+        // (Its first request: an error here, a missing bucket say, is the plan's.)
+        let gc_before = last_gc(&**storage).await.map_err(|e| match e {
+            RecordError::Storage(source) => PushError::Plan {
+                target: storage.describe(),
+                source,
+            },
+            other => lease_err(other),
+        })?;
         let plan0 = self.plan(closure.clone()).await?;
         if plan0.to_send.is_empty() && req.pin.is_none() {
             // Nothing to publish, so nothing can be left referring to a path a gc takes
