@@ -23,7 +23,7 @@ fi
 
 say "building cachepush (release), the upload-floor client and the gc filler"
 cargo build --release --locked -q
-for b in put_floor gc_fill; do
+for b in put_floor gc_fill wan_proxy cpu_floor; do
   cargo bench --bench "$b" --no-run --locked -q 2>/dev/null || cargo bench --bench "$b" --no-run --locked
 done
 

@@ -44,7 +44,7 @@ pub enum TargetUrl {
 const FILE_PARAMS: &str = "compression, secret-key, write-nar-listing, priority, want-mass-query";
 // `multipart-upload` and `parallel-compression` are Nix's; cachepush always does both,
 // so URLs written for `nix copy` keep working.
-const S3_PARAMS: &str = "endpoint, region, profile, scheme, addressing-style, compression, secret-key, multipart-upload, parallel-compression, write-nar-listing, priority, want-mass-query";
+const S3_PARAMS: &str = "endpoint, region, profile, provider, checksum, scheme, addressing-style, compression, secret-key, multipart-upload, parallel-compression, write-nar-listing, priority, want-mass-query";
 
 impl TargetUrl {
     pub fn parse(url: &str) -> Result<Self, TargetError> {

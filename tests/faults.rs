@@ -1439,3 +1439,62 @@ fn a_push_does_without_conditional_writes() {
         stderr_of(&o)
     );
 }
+
+/// A server that throttles a third of everything (AWS's 503 SlowDown, B2's 503 "too
+/// busy", 429 with and without Retry-After, 400 RequestTimeout): the push slows down
+/// (its limit on requests in flight is cut) and finishes, every path published, exit 0,
+/// and `verify` finds the cache whole. The same push without throttling is the control.
+#[test]
+fn a_throttling_server_slows_the_push_down_and_it_still_finishes() {
+    let s3 = S3::seaweedfs();
+    let proxy = FaultProxy::start(&s3.endpoint);
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "faults-1");
+
+    // Control: no throttling, no cut, nothing counted as throttled.
+    let top = build_wide(&unique("calm"));
+    let calm = s3.new_bucket("calm");
+    let o = push(&s3, &proxy.endpoint(), &calm, &sk, &[], &top);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let j = json(&o);
+    assert_eq!(j["pushed"], 151, "{j}");
+    assert_eq!(j["requests"]["throttled"], 0, "{j}");
+    assert_eq!(j["requests"]["limit_cuts"], 0, "{j}");
+    assert!(j["requests"]["limit_peak"].as_u64().unwrap() >= 16, "{j}");
+
+    let top = build_wide(&unique("throttled"));
+    let bucket = s3.new_bucket("throttled");
+    let throttling = vec![
+        Fault::Status(503, "SlowDown", None),
+        Fault::Status(503, "ServiceUnavailable", None),
+        Fault::Status(429, "TooManyRequests", Some(1)),
+        Fault::Status(429, "", None),
+    ];
+    // RequestTimeout is what a server says to an upload whose body came too slowly: PUTs.
+    let mut uploads = throttling.clone();
+    uploads.push(Fault::Status(400, "RequestTimeout", None));
+    proxy.add(Rule {
+        method: "PUT",
+        target: "/",
+        times: usize::MAX,
+        fault: Fault::Share(33, uploads),
+    });
+    proxy.add(Rule {
+        method: "*",
+        target: "/",
+        times: usize::MAX,
+        fault: Fault::Share(33, throttling),
+    });
+    let o = push(&s3, &proxy.endpoint(), &bucket, &sk, &[], &top);
+    let injected = proxy.injected();
+    proxy.clear();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let j = json(&o);
+    assert_eq!(j["pushed"], 151, "{j}");
+    assert_eq!(j["failed"], 0, "{j}");
+    // Every throttling answer was seen as one, and the limit was cut for them.
+    assert!(injected >= 50, "only {injected} answers throttled");
+    assert_eq!(j["requests"]["throttled"], injected as u64, "{j}");
+    assert!(j["requests"]["limit_cuts"].as_u64().unwrap() >= 1, "{j}");
+    assert_verified(&s3, &bucket, &pk, 151);
+}

@@ -101,8 +101,10 @@ pub struct Settings {
     /// Compression level (zstd 1-19, default 3; xz 0-9, default 6).
     #[arg(long, value_name = "N", env = "CACHEPUSH_COMPRESSION_LEVEL")]
     compression_level: Option<i32>,
-    /// NAR uploads in flight at once [default: 16]. Small paths are latency-bound, so many
-    /// in flight pay off; memory for large NARs is about (jobs + 8) x part size at worst.
+    /// Ceiling on requests in flight. To S3 the number follows the link (it grows while
+    /// the round trip holds and halves when the server throttles) up to this, or up to the
+    /// provider's ceiling (256 for most); to a directory it is the number of NARs at once
+    /// [default: 16]. Memory for large NARs is bounded apart from this.
     #[arg(short, long, value_name = "N", env = "CACHEPUSH_JOBS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     jobs: Option<u16>,
@@ -405,7 +407,7 @@ impl Pusher {
         } else {
             settings.skip_signed_by.clone()
         };
-        let jobs = settings.jobs.or(file.jobs).unwrap_or(16).max(1) as usize;
+        let jobs = settings.jobs.or(file.jobs).map(|j| usize::from(j.max(1)));
         let store = LocalStore::from_env().map_err(store_failure)?;
         // Flags and variables, then the URL's own parameters, then the files.
         let mut given = settings.s3.settings();
@@ -413,12 +415,19 @@ impl Pusher {
             .part_size
             .or(file.part_size)
             .map(|mib| mib as usize * (1 << 20));
+        // Small requests follow the link (an adaptive limit); --jobs is its ceiling.
+        given.paced = true;
+        given.max_concurrency = jobs;
         let opts = OpenOptions {
             given,
             fallback: file.s3_settings(),
             read_only: false,
         };
         let storage = cachepush::storage::open_target(&target, &opts).await?;
+        // NAR uploads in flight: up to the ceiling of the adaptive limit, which then decides
+        // how many requests are really out (a directory: --jobs, 16 by default).
+        let heads = (jobs.unwrap_or(16) * 4).clamp(16, 256);
+        let jobs = storage.concurrency_ceiling().or(jobs).unwrap_or(16);
         if settings.skip_if_no_credentials && !storage.has_credentials().await {
             return skip(&out, "no S3 credentials are available");
         }
@@ -466,8 +475,11 @@ impl Pusher {
                         .is_some_and(|v| v == "true" || v == "1"),
             },
             PlanOptions {
-                // HEADs are small: more of them in flight hides the round-trip time.
-                concurrency: (jobs * 4).clamp(16, 256),
+                // HEADs are small: more of them in flight hides the round-trip time (an
+                // S3 target's adaptive limit decides how many are really out). Claimed
+                // HEADs are sent even once the listing has answered for their keys, so
+                // not many more are claimed than the limit lets out.
+                concurrency: heads,
                 skip_signed_by,
                 upstreams,
                 ..PlanOptions::default()

@@ -34,6 +34,8 @@ impl S3Args {
             read_timeout: self.read_timeout.map(std::time::Duration::from_secs),
             part_size: None,
             max_attempts: None,
+            paced: false,
+            max_concurrency: None,
         }
     }
 }

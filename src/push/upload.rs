@@ -18,6 +18,23 @@ use crate::store::{LocalStore, PathInfo};
 const CHUNK: usize = 1 << 20;
 /// Chunks buffered between the NAR producer and the uploader, per upload.
 const CHANNEL_DEPTH: usize = 4;
+/// Memory the NARs in flight may hold at once, each counted as what it buffers (below).
+/// With the part budget of the S3 client (128 MiB) this keeps a push's peak well under
+/// 256 MiB however many small NARs the adaptive limit lets out at once.
+const NAR_BUDGET: u64 = 96 << 20;
+/// A NAR's share of [`NAR_BUDGET`]: a small one is buffered whole (compressed output is
+/// rarely larger, plus slack); a large one holds at most a part being filled (16 MiB by
+/// default) and its channel.
+fn weight(nar_size: u64) -> u64 {
+    (nar_size + (64 << 10)).min(16 << 20)
+        + if nar_size >= 16 << 20 {
+            (CHANNEL_DEPTH * CHUNK) as u64
+        } else {
+            0
+        }
+}
+/// NARs below this are compressed under a CPU slot (see `execute`).
+const SMALL: u64 = 16 << 20;
 
 #[derive(Clone, Debug)]
 pub struct PushOptions {
@@ -123,9 +140,23 @@ pub async fn execute<S: Storage>(
     let mut staged_narinfo: HashMap<StorePath, Box<NarInfo>> = HashMap::new();
     let mut failed: HashSet<StorePath> = HashSet::new();
     let mut task_path: HashMap<tokio::task::Id, StorePath> = HashMap::new();
+    // Bytes held by the NARs in flight, by task.
+    let mut held: HashMap<tokio::task::Id, u64> = HashMap::new();
+    let mut holding: u64 = 0;
+    // Compressing a small NAR is pure CPU (its upload starts when it is done), so however
+    // many are in flight for the network, only a few compress at once: more would only
+    // add zstd contexts (a few MiB each) and thread switches, not speed.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cpu = Arc::new(tokio::sync::Semaphore::new(cores * 2));
 
     loop {
         while nars.len() < jobs {
+            // The budget bounds memory, never progress: one NAR always goes.
+            let Some(next) = queue.last() else { break };
+            let w = weight(next.nar_size);
+            if holding + w > NAR_BUDGET && !nars.is_empty() {
+                break;
+            }
             let Some(info) = queue.pop() else { break };
             on_event(Event::NarStarted {
                 path: &info.path,
@@ -136,12 +167,19 @@ pub async fn execute<S: Storage>(
             let dir = store.store_dir().clone();
             let opts = opts.clone();
             let p = info.path.clone();
+            let cpu = (info.nar_size < SMALL).then(|| cpu.clone());
             let handle = nars.spawn(async move {
                 let path = info.path.clone();
-                let res = upload_nar(&*storage, &dir, real, info, &opts).await;
+                let slot = match cpu {
+                    Some(c) => c.acquire_owned().await.ok(),
+                    None => None,
+                };
+                let res = upload_nar(&*storage, &dir, real, info, &opts, slot).await;
                 Done::Nar(path, res.map(Box::new))
             });
             task_path.insert(handle.id(), p);
+            held.insert(handle.id(), w);
+            holding += w;
         }
         while narinfos.len() < jobs {
             let Some(ni) = ready.pop() else { break };
@@ -163,6 +201,11 @@ pub async fn execute<S: Storage>(
             Some(r) = narinfos.join_next_with_id(), if !narinfos.is_empty() => r,
             else => break,
         };
+        let id = match &next {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        holding -= held.remove(&id).unwrap_or(0);
         let done = match next {
             Ok((id, d)) => {
                 task_path.remove(&id);
@@ -239,6 +282,7 @@ async fn upload_nar<S: Storage>(
     real: std::path::PathBuf,
     info: PathInfo,
     opts: &PushOptions,
+    cpu_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<NarInfo, PathError> {
     // Named by NarHash, known before compressing, so one pass can stream it.
     let url = layout::nar_key(&info.nar_hash, opts.compression.extension());
@@ -247,6 +291,7 @@ async fn upload_nar<S: Storage>(
     let hint = info.nar_size;
     let listing = opts.write_nar_listing;
     let producer = tokio::task::spawn_blocking(move || {
+        let _slot = cpu_slot;
         compression::produce_listed(&real, compression, hint, CHUNK, tx, listing)
     });
     let staged = storage.stage(&url, content_type::NAR, hint, rx).await;

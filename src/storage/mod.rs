@@ -348,6 +348,12 @@ pub struct RequestStats {
     pub list: u64,
     /// Requests that were repeated after a transient failure (included above too).
     pub retries: u64,
+    /// Answers that asked us to slow down (429, 503, SlowDown...; included above too).
+    pub throttled: u64,
+    /// When small requests were paced: the highest limit on them in flight, and how many
+    /// times throttling halved it (0 and 0 when not paced).
+    pub limit_peak: u64,
+    pub limit_cuts: u64,
 }
 
 /// A kind of request, as [`RequestStats`] counts them.
@@ -373,6 +379,7 @@ pub struct RequestCounters {
     delete: AtomicU64,
     list: AtomicU64,
     retries: AtomicU64,
+    throttled: AtomicU64,
 }
 
 impl RequestCounters {
@@ -387,6 +394,11 @@ impl RequestCounters {
             RequestKind::List => &self.list,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The server asked us to slow down.
+    pub fn throttled(&self) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request is being repeated after a transient failure.
@@ -404,6 +416,9 @@ impl RequestCounters {
             delete: l(&self.delete),
             list: l(&self.list),
             retries: l(&self.retries),
+            throttled: l(&self.throttled),
+            limit_peak: 0,
+            limit_cuts: 0,
         }
     }
 }

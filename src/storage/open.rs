@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::local::LocalStaged;
 use super::s3::S3Staged;
+use super::s3::profile::Provider;
 use super::{
     ByteRange, LocalDir, ObjectBytes, ObjectMeta, RequestStats, S3Bucket, S3Config, Staged,
     Storage, StorageError, StreamOutcome, TopPage,
@@ -31,6 +32,11 @@ pub struct S3Settings {
     pub part_size: Option<usize>,
     /// Attempts per request, including the first.
     pub max_attempts: Option<u32>,
+    /// Pace small requests with an adaptive limit (pushes do; the gateway and gc bound
+    /// their own concurrency).
+    pub paced: bool,
+    /// Ceiling of that limit (`--jobs`); `None`: the provider's.
+    pub max_concurrency: Option<usize>,
 }
 
 /// How to open a cache.
@@ -87,6 +93,35 @@ pub fn s3_config(url: &TargetUrl, opts: &OpenOptions) -> Result<S3Config, OpenEr
         Some(e) => Some(endpoint(&e, url.param("scheme"))?),
         None => None,
     };
+    let provider = match url.param("provider") {
+        Some(p) => Provider::parse(p).ok_or_else(|| {
+            OpenError::Setting(format!(
+                "unknown provider={p} in the cache URL (use aws, r2, b2, spaces, gcs, wasabi or generic)"
+            ))
+        })?,
+        None => Provider::detect(cfg.endpoint.as_deref()),
+    };
+    let profile = provider.profile();
+    profile.apply(&mut cfg);
+    match url.param("checksum") {
+        None => {}
+        Some("md5") => cfg.content_md5 = true,
+        Some("none") => cfg.content_md5 = false,
+        Some(other) => {
+            return Err(OpenError::Setting(format!(
+                "unknown checksum={other} in the cache URL (use md5 or none)"
+            )));
+        }
+    }
+    if given.paced || fallback.paced {
+        cfg.concurrency = Some(
+            given
+                .max_concurrency
+                .or(fallback.max_concurrency)
+                .unwrap_or(profile.ceiling)
+                .max(1),
+        );
+    }
     cfg.region = pick(&given.region, "region", &fallback.region);
     cfg.profile = pick(&given.profile, "profile", &fallback.profile);
     cfg.path_style = match pick(
@@ -109,7 +144,10 @@ pub fn s3_config(url: &TargetUrl, opts: &OpenOptions) -> Result<S3Config, OpenEr
         cfg.read_timeout = t.max(Duration::from_secs(1));
     }
     if let Some(p) = given.part_size.or(fallback.part_size) {
+        // The memory budget stays what the profile's parts make it.
+        let budget = cfg.part_size * cfg.parts_in_flight;
         cfg.part_size = p;
+        cfg.parts_in_flight = (budget / p.max(1)).clamp(2, 64);
     }
     if let Some(n) = given.max_attempts.or(fallback.max_attempts) {
         cfg.max_attempts = n.max(1);
@@ -203,6 +241,22 @@ impl AnyStorage {
     /// Whether the backend can hand out presigned URLs (S3) or the bytes must be proxied.
     pub fn can_presign(&self) -> bool {
         matches!(self, AnyStorage::S3(_))
+    }
+
+    /// The ceiling of the adaptive limit on requests in flight, when paced.
+    pub fn concurrency_ceiling(&self) -> Option<usize> {
+        match self {
+            AnyStorage::Local(_) => None,
+            AnyStorage::S3(b) => b.concurrency_ceiling(),
+        }
+    }
+
+    /// The highest limit the pace reached and how often throttling cut it.
+    pub fn pace_peak(&self) -> Option<(usize, u64)> {
+        match self {
+            AnyStorage::Local(_) => None,
+            AnyStorage::S3(b) => b.pace_peak(),
+        }
     }
 }
 

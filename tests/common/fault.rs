@@ -32,6 +32,9 @@ pub enum Fault {
     /// Wait a random time up to this long, then forward: requests in flight together
     /// reach the server, and answer, in an order of the proxy's choosing.
     Jitter(Duration),
+    /// One of these faults (chosen at random) for this percentage of the matching
+    /// requests; the rest are forwarded: a server that throttles a share of its traffic.
+    Share(u32, Vec<Fault>),
     /// As `Status`, but only for requests carrying this header (e.g. `if-none-match`: a
     /// server without conditional writes); others are forwarded.
     StatusIfHeader(&'static str, u16, &'static str),
@@ -211,6 +214,9 @@ async fn handle(
             .headers()
             .contains_key(h)
             .then_some(Fault::Status(status, code, None)),
+        Some(Fault::Share(percent, faults)) => (rand::random_range(0..100) < percent
+            && !faults.is_empty())
+        .then(|| faults[rand::random_range(0..faults.len())].clone()),
         other => other,
     };
     if fault.is_some() {

@@ -26,30 +26,32 @@ pub struct S3Config {
     pub max_attempts: u32,
     /// Longest wait for the next byte of a response.
     pub read_timeout: Duration,
+    /// Whose defaults these are (set by [`Profile::apply`](super::profile::Profile)).
+    pub provider: super::profile::Provider,
+    /// Ceiling of the adaptive limit on small requests in flight; `None`: not paced (every
+    /// caller bounds its own concurrency, as the gateway and gc do).
+    pub concurrency: Option<usize>,
+    /// Send `Content-MD5` with PUTs and parts, so the server refuses a corrupted body.
+    pub content_md5: bool,
+    /// Error codes that mean throttling besides the common ones.
+    pub throttle_codes: &'static [&'static str],
 }
 
 impl S3Config {
     pub fn new(bucket: &str) -> Self {
-        S3Config {
+        let mut cfg = S3Config {
             bucket: bucket.to_owned(),
-            part_size: 16 << 20,
-            parts_in_flight: 8,
             max_attempts: 6,
             read_timeout: Duration::from_secs(120),
             ..S3Config::default()
-        }
+        };
+        super::profile::Provider::Generic.profile().apply(&mut cfg);
+        cfg
     }
 }
 
 pub(super) fn is_aws(endpoint: &str) -> bool {
-    let host = endpoint
-        .split("://")
-        .nth(1)
-        .unwrap_or(endpoint)
-        .split(['/', ':'])
-        .next()
-        .unwrap_or("");
-    host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn")
+    super::profile::Provider::detect(Some(endpoint)) == super::profile::Provider::Aws
 }
 
 /// The part size for a NAR of about `size_hint` bytes: the configured size (at least S3's

@@ -15,6 +15,8 @@
 
 mod config;
 mod multipart;
+pub mod pace;
+pub mod profile;
 mod read;
 mod retry;
 
@@ -57,6 +59,8 @@ struct Inner {
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
     /// What the server could not do that we did without (each said once).
     notes: Mutex<Vec<String>>,
+    /// The adaptive limit on small requests in flight, when this client is paced.
+    pace: Option<Arc<pace::Pace>>,
 }
 
 #[derive(Clone)]
@@ -153,8 +157,10 @@ impl S3Bucket {
             )
             .build();
         let parts = Arc::new(Semaphore::new(cfg.parts_in_flight.max(1)));
+        let pace = cfg.concurrency.map(pace::Pace::new);
         Ok(S3Bucket {
             inner: Arc::new(Inner {
+                pace,
                 client: Client::from_conf(s3),
                 cfg,
                 parts,
@@ -189,6 +195,21 @@ impl S3Bucket {
         }
     }
 
+    /// The ceiling on small requests in flight when paced.
+    pub fn concurrency_ceiling(&self) -> Option<usize> {
+        self.inner.cfg.concurrency
+    }
+
+    /// The highest limit the pace reached and how often throttling cut it.
+    pub fn pace_peak(&self) -> Option<(usize, u64)> {
+        self.inner.pace.as_ref().map(|p| p.peak())
+    }
+
+    /// Whose defaults this client uses.
+    pub fn provider(&self) -> profile::Provider {
+        self.inner.cfg.provider
+    }
+
     /// Part size for an object of about `size_hint` bytes: the configured size, grown so
     /// that the object fits in well under 10,000 parts.
     fn part_size_for(&self, size_hint: u64) -> usize {
@@ -205,14 +226,16 @@ impl Inner {
         if_absent: bool,
     ) -> Result<bool, StorageError> {
         let obj = self.object_key(key);
+        let md5 = self.content_md5(&body);
         let res = self
-            .retry(RequestKind::Put, "PUT", key, || {
+            .retry_sized(RequestKind::Put, "PUT", key, body.len(), || {
                 let mut req = self
                     .client
                     .put_object()
                     .bucket(&self.cfg.bucket)
                     .key(&obj)
                     .content_type(content_type)
+                    .set_content_md5(md5.clone())
                     .body(ByteStream::from(body.clone()));
                 if if_absent {
                     req = req.if_none_match("*");
@@ -225,6 +248,16 @@ impl Inner {
             Err(c) if c.precondition && if_absent => Ok(false),
             Err(c) => Err(to_error("PUT", key, c)),
         }
+    }
+
+    /// `Content-MD5` for a body, when the profile sends it: the server then refuses a body
+    /// that changed on the way instead of storing it.
+    fn content_md5(&self, body: &[u8]) -> Option<String> {
+        use base64::Engine;
+        use md5::Digest;
+        self.cfg
+            .content_md5
+            .then(|| base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(body)))
     }
 
     /// Remembers something the server could not do, once.
@@ -442,7 +475,12 @@ impl Storage for S3Bucket {
     }
 
     fn stats(&self) -> RequestStats {
-        self.inner.counts.snapshot()
+        let mut s = self.inner.counts.snapshot();
+        if let Some(p) = &self.inner.pace {
+            let (peak, cuts) = p.peak();
+            (s.limit_peak, s.limit_cuts) = (peak as u64, cuts);
+        }
+        s
     }
 
     async fn abort_open_uploads(&self) -> usize {

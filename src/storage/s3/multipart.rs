@@ -164,6 +164,7 @@ impl Multipart {
             let _permit = permit;
             let i = &bucket.inner;
             let obj = i.object_key(&key);
+            let md5 = i.content_md5(&body);
             let out = i
                 .retry(RequestKind::Multipart, "UploadPart", &key, || {
                     i.client
@@ -172,6 +173,7 @@ impl Multipart {
                         .key(&obj)
                         .upload_id(&upload_id)
                         .part_number(n)
+                        .set_content_md5(md5.clone())
                         .body(ByteStream::from(body.clone()))
                         .send()
                 })

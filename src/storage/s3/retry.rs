@@ -11,6 +11,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use rand::Rng;
 
 use super::Inner;
+use super::pace::Signal;
 use crate::storage::{RequestKind, StorageError};
 
 /// What a failed request means for us.
@@ -31,6 +32,8 @@ pub(super) struct Classified {
     pub(super) timeout: bool,
     /// The HTTP status, when there was a response.
     pub(super) status: Option<u16>,
+    /// The S3 error code, when the answer had one.
+    pub(super) code: String,
     pub(super) retry_after: Option<Duration>,
 }
 
@@ -49,6 +52,7 @@ where
         unreachable: false,
         timeout: false,
         status: None,
+        code: String::new(),
         retry_after: None,
     };
     match err {
@@ -81,6 +85,7 @@ where
             let status = raw.status().as_u16();
             c.status = Some(status);
             let code = se.err().code().unwrap_or("");
+            c.code = code.to_owned();
             c.retry_after = raw
                 .headers()
                 .get("retry-after")
@@ -221,6 +226,33 @@ pub(super) fn to_error(op: &'static str, key: &str, c: Classified) -> StorageErr
     }
 }
 
+/// Codes that mean "slow down" on every provider (AWS, Ceph, MinIO, R2, B2, GCS, Spaces);
+/// a provider's profile may add its own.
+const THROTTLE_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    // The client sent its body too slowly: too much in flight for the link.
+    "RequestTimeout",
+];
+
+/// Whether an answer asks us to slow down: 429, 503 (AWS SlowDown, B2's "too busy"), or a
+/// throttling code with another status.
+pub(super) fn is_throttle(c: &Classified, extra: &[&str]) -> bool {
+    matches!(c.status, Some(429 | 503))
+        || THROTTLE_CODES.contains(&c.code.as_str())
+        || extra.contains(&c.code.as_str())
+}
+
+/// Attempts a request gets while the answers are throttling, as a multiple of the
+/// configured attempts: a throttling server is asking for a slower client, not refusing,
+/// and a push that slows down must still finish (with the backoff's 20 s cap, 5 × 6
+/// attempts is minutes of patience for one request).
+const THROTTLE_PATIENCE: u32 = 5;
+
 /// The server's `Retry-After` when it gave one (at most two minutes: a server asking for
 /// an hour is not worth holding a push for), else our own backoff.
 pub(super) fn wait_before_retry(c: &Classified, attempt: u32) -> Duration {
@@ -246,6 +278,25 @@ impl Inner {
         kind: RequestKind,
         op: &'static str,
         key: &str,
+        f: F,
+    ) -> Result<Result<T, Classified>, StorageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        self.retry_sized(kind, op, key, 0, f).await
+    }
+
+    /// [`retry`](Self::retry) for a request with a body of `body` bytes. Every attempt
+    /// but a part's or a listing's waits for a slot of the adaptive limit (when the client is paced) and
+    /// tells it how the answer came; a body over 1 MiB makes the time no round-trip sample.
+    pub(super) async fn retry_sized<T, E, F, Fut>(
+        &self,
+        kind: RequestKind,
+        op: &'static str,
+        key: &str,
+        body: usize,
         mut f: F,
     ) -> Result<Result<T, Classified>, StorageError>
     where
@@ -253,24 +304,56 @@ impl Inner {
         Fut: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        let mut attempt = 0;
+        // Parts have their own budget; a listing page answers up to 1,000 of the plan's
+        // questions at once and must never wait behind the HEADs it would save.
+        let pace = self
+            .pace
+            .as_ref()
+            .filter(|_| !matches!(op, "UploadPart" | "LIST"));
+        let sample = body <= 1 << 20;
+        let (mut attempt, mut throttled) = (0, 0);
         loop {
             self.counts.sent(kind);
-            match f().await {
-                Ok(v) => return Ok(Ok(v)),
-                Err(e) => {
-                    let c = classify(&e);
-                    if c.not_found || c.no_such_upload || c.precondition || c.status == Some(416) {
-                        return Ok(Err(c));
+            let permit = match pace {
+                Some(p) => Some(p.acquire().await),
+                None => None,
+            };
+            let mut c = match f().await {
+                Ok(v) => {
+                    if let Some(p) = permit {
+                        p.finish(Signal::Answered { sample });
                     }
-                    attempt += 1;
-                    if !c.transient || attempt >= self.cfg.max_attempts {
-                        return Err(to_error(op, key, c));
-                    }
-                    self.counts.retried();
-                    tokio::time::sleep(wait_before_retry(&c, attempt)).await;
+                    return Ok(Ok(v));
                 }
+                Err(e) => classify(&e),
+            };
+            let throttle = is_throttle(&c, self.cfg.throttle_codes);
+            if let Some(p) = permit {
+                p.finish(if throttle {
+                    Signal::Throttled
+                } else if c.status.is_none() {
+                    Signal::Nothing
+                } else {
+                    Signal::Answered { sample }
+                });
             }
+            if c.not_found || c.no_such_upload || c.precondition || c.status == Some(416) {
+                return Ok(Err(c));
+            }
+            if throttle {
+                self.counts.throttled();
+                c.transient = true;
+                throttled += 1;
+            } else {
+                attempt += 1;
+            }
+            let out_of_attempts = attempt >= self.cfg.max_attempts
+                || throttled >= self.cfg.max_attempts.saturating_mul(THROTTLE_PATIENCE);
+            if !c.transient || out_of_attempts {
+                return Err(to_error(op, key, c));
+            }
+            self.counts.retried();
+            tokio::time::sleep(wait_before_retry(&c, attempt.max(throttled))).await;
         }
     }
 }
@@ -354,6 +437,41 @@ mod tests {
             answer(503, "SlowDown", &[("retry-after", "soon")]).retry_after,
             None
         );
+    }
+
+    #[test]
+    fn throttling_is_told_apart_from_other_failures() {
+        // AWS/Ceph/MinIO SlowDown, B2's 503 "too busy" (ServiceUnavailable), R2's and
+        // GCS's 429 with or without a code, a body sent too slowly.
+        for (status, code) in [
+            (503, "SlowDown"),
+            (503, "ServiceUnavailable"),
+            (503, ""),
+            (429, ""),
+            (429, "TooManyRequests"),
+            (400, "RequestTimeout"),
+            (400, "ThrottlingException"),
+        ] {
+            assert!(
+                is_throttle(&answer(status, code, &[]), &[]),
+                "{status} {code}"
+            );
+        }
+        for (status, code) in [
+            (500, "InternalError"),
+            (502, ""),
+            (403, "AccessDenied"),
+            (404, "NoSuchKey"),
+        ] {
+            assert!(
+                !is_throttle(&answer(status, code, &[]), &[]),
+                "{status} {code}"
+            );
+        }
+        // A provider's own code counts only under its profile.
+        let gcs = answer(403, "rateLimitExceeded", &[]);
+        assert!(!is_throttle(&gcs, &[]));
+        assert!(is_throttle(&gcs, &["rateLimitExceeded"]));
     }
 
     #[test]
