@@ -31,6 +31,9 @@ PORT = int(os.environ.get("CACHEPUSH_BENCH_PORT", "9420"))
 ENDPOINT = f"http://127.0.0.1:{PORT}"
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
 LEVEL = 3  # zstd level for every contender
+# The request counts of cachepush's JSON (the rest of "requests" is retries, throttling and
+# the adaptive limit, reported apart).
+KINDS = ("head", "get", "put", "multipart", "delete", "list")
 
 
 def log(msg):
@@ -198,8 +201,8 @@ def timed(cmd, env, stdin=None, server=None):
     }
 
 
-def cachepush_push(server, bucket, key, paths, prefix=""):
-    url = f"s3://{bucket}{'/' + prefix if prefix else ''}?endpoint={ENDPOINT}&region=us-east-1"
+def cachepush_push(server, bucket, key, paths, prefix="", endpoint=ENDPOINT):
+    url = f"s3://{bucket}{'/' + prefix if prefix else ''}?endpoint={endpoint}&region=us-east-1"
     m = timed([str(CP), "copy", "--to", url, "--signing-key", str(key), "--json", "-q",
                "--compression-level", str(LEVEL), "--stdin"],
               server.env(), stdin="\n".join(paths), server=server)
@@ -210,18 +213,24 @@ def cachepush_push(server, bucket, key, paths, prefix=""):
     return m
 
 
-def nix_copy_then_sync(server, bucket, key, paths, cache_dir):
+def nix_copy_then_sync(server, bucket, key, paths, cache_dir, endpoint=ENDPOINT):
     """What a user without S3-enabled Nix does: nix copy to a directory, then aws s3 sync."""
     a = timed(NIX + ["copy", "--to", f"file://{cache_dir}?compression=zstd&compression-level={LEVEL}&secret-key={key}"] + paths,
               server.env(), server=server)
-    b = timed([str(AWS), "s3", "sync", "--quiet", "--endpoint-url", ENDPOINT, str(cache_dir), f"s3://{bucket}/"],
+    b = timed([str(AWS), "s3", "sync", "--quiet", "--endpoint-url", endpoint, str(cache_dir), f"s3://{bucket}/"],
               server.env(), server=server)
     return {"wall": a["wall"] + b["wall"], "cpu": a["cpu"] + b["cpu"], "rss_mib": max(a["rss_mib"], b["rss_mib"]),
             "server_cpu": a["server_cpu"] + b["server_cpu"], "nix_copy_wall": a["wall"], "sync_wall": b["wall"]}
 
 
 def cpu_floor(paths):
-    """NAR + zstd (same level, every core) + SHA-256 over the same bytes, paths in parallel."""
+    """NAR + zstd (same level, every core) + SHA-256 over the same bytes, paths in parallel.
+    Many small paths are done in one process (benches/cpu_floor.rs): three processes per path
+    would measure mostly process start-up."""
+    if len(paths) > 50:
+        m = timed([bench_exe("cpu_floor"), str(LEVEL)], None, stdin="\n".join(paths))
+        m.pop("stdout")
+        return m
     script = f"nix-store --dump \"$1\" | zstd -{LEVEL} -T0 -q -c | sha256sum >/dev/null"
     m = timed(["xargs", "-P", str(os.cpu_count()), "-n", "1", "sh", "-c", script, "sh"], None, stdin="\n".join(paths))
     m.pop("stdout")
@@ -275,6 +284,132 @@ def summary(samples, key="wall"):
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": len(v)} if v else None
 
 
+# -------------------------------------------------------------------------- wide-area
+
+
+class Wan:
+    """benches/wan_proxy.rs between a contender and SeaweedFS: `rtt_ms` round trip (half
+    each way, handshakes included), optional bandwidth cap and throttled share."""
+
+    def __init__(self, rtt_ms, mbit=0, throttle=0):
+        self.p = subprocess.Popen([bench_exe("wan_proxy"), f"127.0.0.1:{PORT}", str(rtt_ms), str(mbit), str(throttle)],
+                                  stdout=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline()
+        m = re.search(r"listening on (\S+)", line)
+        if not m:
+            self.p.kill()
+            raise SystemExit(f"wan_proxy did not start: {line!r}")
+        self.endpoint = f"http://{m.group(1)}"
+
+    def stop(self):
+        self.p.kill()
+        self.p.wait()
+
+
+def depth(spec):
+    """Longest chain of references in a workload (a path alone is 1): the narinfos of a
+    chain are written one after the other, one round trip each."""
+    d = []
+    for e in spec:
+        d.append(1 + max((d[i] for i in e["deps"]), default=0))
+    return max(d)
+
+
+def request_count(req):
+    return sum(v for k, v in req.items() if k in KINDS)
+
+
+FLOOR_IN_FLIGHT = 256
+
+
+def wan_bench(server, key, sp, paths, points, workloads):
+    """Each workload through the latency proxy at each round trip: cachepush, and nix copy
+    to a directory + aws s3 sync through the same proxy; the latency floor is the closure's
+    depth in round trips plus its requests at 256 in flight."""
+    out = {"points_ms": points, "floor_in_flight": FLOOR_IN_FLIGHT, "workloads": {}}
+    for w in workloads:
+        dep, rows = depth(sp[w]), []
+        for rtt in points:
+            proxy = Wan(rtt)
+            try:
+                log(f"WAN {w} at {rtt} ms: cachepush")
+                c = cachepush_push(server, server.bucket(w + "wan"), key, paths[w], endpoint=proxy.endpoint)
+                log(f"WAN {w} at {rtt} ms: nix copy + aws s3 sync")
+                d = WORK / "nixcopy"
+                shutil.rmtree(d, ignore_errors=True)
+                p = nix_copy_then_sync(server, server.bucket(w + "wanpeer"), key, paths[w], d, endpoint=proxy.endpoint)
+            finally:
+                proxy.stop()
+            n = request_count(c["requests"])
+            floor = rtt / 1000 * (dep + n / FLOOR_IN_FLIGHT)
+            rows.append({"rtt_ms": rtt, "cachepush": c["wall"], "cachepush_cpu": c["cpu"], "cachepush_rss_mib": c["rss_mib"],
+                         "peer": p["wall"], "peer_nix_copy": p["nix_copy_wall"], "peer_sync": p["sync_wall"],
+                         "floor": floor, "requests": n, "limit_peak": c["requests"].get("limit_peak", 0)})
+        out["workloads"][w] = {"paths": len(paths[w]), "depth": dep, "rows": rows}
+    return out
+
+
+def throttle_bench(server, key, paths, percent, rtt):
+    """W1 through a proxy that answers `percent`% of requests with 503 SlowDown: the push
+    must finish with exit 0, and verify must find the cache whole."""
+    b = server.bucket("throttle")
+    proxy = Wan(rtt, 0, percent)
+    try:
+        log(f"W1 with {percent}% of answers throttled at {rtt} ms")
+        c = cachepush_push(server, b, key, paths, endpoint=proxy.endpoint)
+    finally:
+        proxy.stop()
+    pk = run([str(CP), "pubkey", str(key)]).stdout.strip()
+    url = f"s3://{b}?endpoint={ENDPOINT}&region=us-east-1"
+    v = run([str(CP), "verify", "--full", "--json", "--trusted-key", pk, url], env=server.env(), check=False)
+    j = json.loads(v.stdout)
+    return {"percent": percent, "rtt_ms": rtt, "wall": c["wall"], "pushed": c["pushed"], "exit": 0,
+            "throttled": c["requests"].get("throttled", 0), "limit_cuts": c["requests"].get("limit_cuts", 0),
+            "limit_peak": c["requests"].get("limit_peak", 0), "requests": request_count(c["requests"]),
+            "verify_exit": v.returncode, "verify_problems": len(j.get("problems", [])),
+            "narinfos": j.get("narinfos")}
+
+
+def plot_svg(wan, path):
+    """Time against round trip, one line per contender and workload (and the floor)."""
+    W, H, L, B, T, R = 720, 420, 60, 50, 20, 200
+    rows = [(w, x["rows"]) for w, x in wan["workloads"].items()]
+    ymax = max(max(r["cachepush"], r["peer"], r["floor"]) for _, rs in rows for r in rs) * 1.1
+    xmax = max(wan["points_ms"]) or 1
+    X = lambda v: L + (W - L - R) * v / xmax
+    Y = lambda v: H - B - (H - B - T) * v / ymax
+    colors = {"W1": "#1f77b4", "W3": "#d62728"}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+           f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">round trip (ms)</text>',
+           f'<text x="14" y="{(T + H - B) / 2}" transform="rotate(-90 14 {(T + H - B) / 2})" text-anchor="middle">push time (s)</text>']
+    for v in wan["points_ms"]:
+        out.append(f'<text x="{X(v):.1f}" y="{H - B + 16}" text-anchor="middle">{v}</text>')
+    step = 10 ** math.floor(math.log10(ymax / 2)) if ymax > 0 else 1
+    t = 0.0
+    while t <= ymax:
+        out.append(f'<line x1="{L - 4}" y1="{Y(t):.1f}" x2="{W - R}" y2="{Y(t):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{L - 8}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+        t += step * (2 if ymax / step > 10 else 1)
+    legend = 0
+    for w, rs in rows:
+        for key, label, dash in (("cachepush", "cachepush", ""), ("peer", "nix copy + aws s3 sync", "6,4"),
+                                 ("floor", "latency floor", "2,3")):
+            pts = " ".join(f"{X(r['rtt_ms']):.1f},{Y(r[key]):.1f}" for r in rs)
+            c = colors.get(w, "#555")
+            out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2" stroke-dasharray="{dash}"/>')
+            for r in rs:
+                out.append(f'<circle cx="{X(r["rtt_ms"]):.1f}" cy="{Y(r[key]):.1f}" r="3" fill="{c}"/>')
+            ly = T + 10 + legend * 18
+            out.append(f'<line x1="{W - R + 12}" y1="{ly}" x2="{W - R + 40}" y2="{ly}" stroke="{c}" stroke-width="2" stroke-dasharray="{dash}"/>')
+            out.append(f'<text x="{W - R + 46}" y="{ly + 4}">{w} {label}</text>')
+            legend += 1
+    out.append("</svg>")
+    Path(path).write_text("\n".join(out) + "\n")
+
+
 # ------------------------------------------------------------------------------ gateway
 
 
@@ -300,8 +435,10 @@ def wrk(url, conns, secs, headers=()):
     n = int(total.group(1))
     # A percentile needs samples to mean anything (wrk prints 0.00us for too few): the
     # median needs a handful, the 99th a hundred.
-    p50 = lat.get("50") if n >= 10 and lat.get("50") else None
-    p99 = lat.get("99") if n >= 100 and lat.get("99") else None
+    # wrk's percentiles are per thread and connection; with fewer than ~20 samples per
+    # connection for the median (200 for the 99th) they say nothing, and wrk prints 0.00us.
+    p50 = lat.get("50") if n >= 20 * conns and lat.get("50") else None
+    p99 = lat.get("99") if n >= 200 * conns and lat.get("99") else None
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "MBps": mbps,
             "requests": n, "non_2xx_3xx": int(codes.group(1)) if codes else 0}
 
@@ -422,7 +559,33 @@ def main():
     ap.add_argument("--report-only", metavar="JSON", help="rewrite the Markdown report from a JSON result")
     ap.add_argument("--gc-only", action="store_true",
                     help="run only the gc benchmark and put it into docs/benchmarks.json (and .md) beside the rest")
+    ap.add_argument("--wan-only", action="store_true",
+                    help="run only the wide-area benchmarks (and the throttled push) and put them into docs/benchmarks.json (and .md)")
     a = ap.parse_args()
+    if a.wan_only:
+        WORK.mkdir(parents=True, exist_ok=True)
+        key = WORK / "bench.sk"
+        if not key.exists():
+            run([str(CP), "keygen", "bench-1", str(key)])
+        sp = specs(a.short)
+        paths = {w: build(w, sp[w], a.short) for w in ("W1", "W3")}
+        server = Server()
+        try:
+            wan = wan_section(server, key, sp, paths, a.short)
+        finally:
+            server.stop()
+        out_dir = Path(a.out) if a.out else (WORK / "short" if a.short else ROOT / "docs")
+        path = out_dir / "benchmarks.json"
+        r = json.loads(path.read_text()) if path.exists() else {"mode": "short" if a.short else "full", "runs": 1,
+                                                                 "versions": versions(), "workloads": {}, "gateway": {}}
+        r.update(wan)
+        r["wan"]["measured"] = f"{time.strftime('%Y-%m-%d')}, {versions()['cachepush']}"
+        path.write_text(json.dumps(r, indent=1))
+        plot_svg(r["wan"], out_dir / "benchmarks-wan.svg")
+        md = report(r, r["mode"] == "short")
+        path.with_suffix(".md").write_text(md)
+        print(md)
+        return
     if a.gc_only:
         WORK.mkdir(parents=True, exist_ok=True)
         server = Server()
@@ -501,6 +664,7 @@ def main():
                              "nix_copy_then_sync": {"wall": summary(noop_peer)}}
             results["workloads"][w] = res
         results["gc"] = gc_bench(server, 2000 if a.short else 100_000)
+        results.update(wan_section(server, key, sp, paths, a.short))
         log("gateway")
         results["gateway"] = gateway_bench(server, key, last_bucket_of(server, results, paths, key), paths["W1"], paths["W2"], secs)
     finally:
@@ -509,9 +673,20 @@ def main():
     out_dir = Path(a.out) if a.out else (WORK / "short" if a.short else ROOT / "docs")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmarks.json").write_text(json.dumps(results, indent=1))
+    plot_svg(results["wan"], out_dir / "benchmarks-wan.svg")
     md = report(results, a.short)
     (out_dir / "benchmarks.md").write_text(md)
     print(md)
+
+
+def wan_section(server, key, sp, paths, short):
+    """The wide-area part: W1 and W3 at 0, 50 and 100 ms (short: W1 at 50 ms), and W1 with
+    30% of answers throttled."""
+    if short:
+        wan = wan_bench(server, key, sp, paths, [50], ["W1"])
+    else:
+        wan = wan_bench(server, key, sp, paths, [0, 50, 100], ["W1", "W3"])
+    return {"wan": wan, "throttle": throttle_bench(server, key, paths["W1"], 30, 0 if short else 50)}
 
 
 def last_bucket_of(server, results, paths, key):
@@ -557,10 +732,30 @@ def targets(r):
         auth = g["narinfo hit, basic auth, c=64"]["rps"]
         cost = 1 - auth / hit["rps"]
         row("gateway: Basic auth costs under 10%", f"{cost * 100:.0f}%", cost < 0.10)
+    wan = r.get("wan")
+    if wan:
+        for wl, want in (("W1", 10), ("W3", 3)):
+            x = wan["workloads"].get(wl)
+            far = x and max(x["rows"], key=lambda q: q["rtt_ms"])
+            if far and far["rtt_ms"] >= 100:
+                ratio = far["peer"] / far["cachepush"]
+                row(f"{wl} at {far['rtt_ms']} ms: ≥ {want}× faster than nix copy + aws s3 sync through the same proxy",
+                    f"{ratio:.1f}×", ratio >= want)
+                if wl == "W1":
+                    f = far["cachepush"] / far["floor"]
+                    row("W1 at 100 ms: within 2× of the latency floor", f"{f:.2f}× ({far['cachepush']:.2f} s vs {far['floor']:.2f} s)", f <= 2)
+        rss = max(q["cachepush_rss_mib"] for x in wan["workloads"].values() for q in x["rows"])
+        row("WAN runs: peak RSS under 256 MiB", f"{rss:.0f} MiB", rss < 256)
+    th = r.get("throttle")
+    if th:
+        ok = th["exit"] == 0 and th["verify_exit"] == 0 and th["verify_problems"] == 0
+        row(f"W1 with {th['percent']}% of answers throttled: exit 0 and verify clean",
+            f"exit {th['exit']}, {th['pushed']} pushed in {th['wall']:.1f} s, {th['throttled']} throttled answers, "
+            f"verify exit {th['verify_exit']} ({th['verify_problems']} problems)", ok)
     gc = r.get("gc")
     if gc:
         s = gc["second"]
-        besides = sum(v for k, v in s["requests"].items() if k not in ("delete", "retries"))
+        besides = sum(v for k, v in s["requests"].items() if k in KINDS and k != "delete")
         row(f"gc: second run over {gc['narinfos']} narinfos under 60 s", f"{s['wall']:.1f} s", s["wall"] < 60)
         row("gc: second run at most 2,000 requests besides deletes", f"{besides}", besides <= 2000)
         rss = max(gc["first"]["rss_mib"], s["rss_mib"])
@@ -614,7 +809,7 @@ def report(r, short):
     for w, x in r["workloads"].items():
         c = x["cachepush"]
         wall = c["wall"]["median"]
-        req = ", ".join(f"{k} {n}" for k, n in c["requests"].items() if n)
+        req = ", ".join(f"{k} {n}" for k, n in c["requests"].items() if n and k in KINDS)
         L.append(f"| {w} | {x['paths'] / wall:.0f} | {x['nar_bytes'] / 1e6 / wall:.0f} | {c['cpu']['median']:.2f} | "
                  f"{c['server_cpu']['median']:.2f} | {c['rss_mib']['median']:.0f} MiB | {req} | "
                  f"{x['nix_copy_then_sync']['cpu']['median']:.2f} | {x['nix_copy_then_sync']['server_cpu']['median']:.2f} |")
@@ -623,7 +818,7 @@ def report(r, short):
     for w, x in r["workloads"].items():
         if "W4" in x:
             c = x["W4"]["cachepush"]
-            req = ", ".join(f"{k} {n}" for k, n in c["requests"].items() if n)
+            req = ", ".join(f"{k} {n}" for k, n in c["requests"].items() if n and k in KINDS)
             L.append(f"| {w} ({x['paths']} paths) | {fmt(c['wall'])} | {req} (pushed {c['pushed']}) | {fmt(x['W4']['nix_copy_then_sync']['wall'])} |")
     gc = r.get("gc")
     if gc:
@@ -634,9 +829,32 @@ def report(r, short):
               "|---|---|---|---|---|---|---|---|---|"]
         for name in ("first", "second"):
             x = gc[name]
-            req = ", ".join(f"{k} {n}" for k, n in x["requests"].items() if n)
+            req = ", ".join(f"{k} {n}" for k, n in x["requests"].items() if n and k in KINDS)
             L.append(f"| {name} | {x['wall']:.1f} s | {x['cpu']:.1f} | {x['server_cpu']:.1f} | {x['rss_mib']:.0f} MiB | "
                      f"{x['fetched_narinfos']} | {x['deleted_narinfos']} / {x['deleted_nars']} | {x['kept_narinfos']} | {req} |")
+    wan = r.get("wan")
+    if wan:
+        L += ["", "## Over a wide-area link", "",
+              "Every contender talks to SeaweedFS through `benches/wan_proxy.rs`, which delays every byte by half the round "
+              "trip each way (connection handshakes pay it too). The latency floor is the closure's depth (its longest chain "
+              f"of references: narinfos along a chain are written one after the other) plus its requests at {wan['floor_in_flight']} "
+              "in flight, each in round trips."
+              + (f" Measured on its own ({wan['measured']}; `benches/bench.py --wan-only`)." if wan.get("measured") else ""), "",
+              "![push time against round trip](benchmarks-wan.svg)", "",
+              "| workload | round trip | cachepush | nix copy + aws s3 sync (copy / sync) | latency floor | peer / cachepush | cachepush / floor | requests | peak limit | peak RSS |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for wl, x in wan["workloads"].items():
+            for q in x["rows"]:
+                fl = f"{q['cachepush'] / q['floor']:.2f}×" if q["floor"] > 0 else "–"
+                L.append(f"| {wl} ({x['paths']} paths, depth {x['depth']}) | {q['rtt_ms']} ms | {q['cachepush']:.2f} s | "
+                         f"{q['peer']:.2f} s ({q['peer_nix_copy']:.2f} / {q['peer_sync']:.2f}) | {q['floor']:.2f} s | "
+                         f"{q['peer'] / q['cachepush']:.1f}× | {fl} | {q['requests']} | {q['limit_peak']} | {q['cachepush_rss_mib']:.0f} MiB |")
+    th = r.get("throttle")
+    if th:
+        L += ["", f"Throttled: W1 through the proxy at {th['rtt_ms']} ms with {th['percent']}% of answers 503 SlowDown: "
+              f"{th['pushed']} paths pushed in {th['wall']:.1f} s, exit 0; {th['throttled']} throttled answers, the limit cut "
+              f"{th['limit_cuts']} times (peak {th['limit_peak']}); `verify --full` exit {th['verify_exit']}, {th['verify_problems']} problems "
+              f"over {th['narinfos']} narinfos."]
     L += ["", "## Gateway", "", "| measurement | requests/s | p50 | p99 | MB/s |", "|---|---|---|---|---|"]
     for k, g in r["gateway"].items():
         few = f"too few samples ({g.get('requests', '?')})"
@@ -655,6 +873,7 @@ def report(r, short):
           "- Upload floor: `benches/put_floor.rs`, raw PUTs of exactly the objects (count and sizes) cachepush wrote, 64 at a time, with aws-sdk-s3.",
           "- CPU seconds from `/usr/bin/time` (the client) and `/proc/PID/stat` (the SeaweedFS process); peak RSS from `/usr/bin/time`.",
           "- gc: `benches/gc_fill.rs` writes N narinfos in ten groups (each refers to up to three earlier paths of its group), N small NARs and a pin of groups 0–8; then `cachepush gc s3://BUCKET?endpoint=... --keep-days 0 --grace 0s --json` twice.",
+          "- Wide-area: `benches/wan_proxy.rs UPSTREAM RTT_MS [MBIT] [THROTTLE%]` in front of SeaweedFS for both contenders; one run per point.",
           "- Gateway: `wrk --latency` against `cachepush gateway` on the same machine (wrk competes for the same 2 cores), narinfo hits and misses warmed first.",
           ""]
     return "\n".join(L)

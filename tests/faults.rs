@@ -1498,3 +1498,173 @@ fn a_throttling_server_slows_the_push_down_and_it_still_finishes() {
     assert!(j["requests"]["limit_cuts"].as_u64().unwrap() >= 1, "{j}");
     assert_verified(&s3, &bucket, &pk, 151);
 }
+
+/// A big closure (`mib` MiB in its large path) with fresh store paths.
+fn big_of(salt: &str, mib: u32) -> PathBuf {
+    let out = run_ok(
+        Command::new("nix-build")
+            .arg(fixture("big.nix"))
+            .args(["--no-out-link", "--argstr", "salt", salt])
+            .args(["--argstr", "mib", &mib.to_string()])
+            .args(["--option", "substituters", ""]),
+    );
+    PathBuf::from(stdout(&out))
+}
+
+/// Parts PUT through the proxy and answered 200.
+fn parts_sent(proxy: &FaultProxy) -> usize {
+    proxy
+        .log()
+        .iter()
+        .filter(|l| l.method == "PUT" && l.target.contains("partNumber=") && l.ok())
+        .count()
+}
+
+/// Starts a push of `top` through the proxy whose parts after the first `pass` are held
+/// and never forwarded, and SIGKILLs it (no chance to abort anything) once those `pass`
+/// parts are on the server: a CI runner lost or OOM-killed mid-NAR.
+fn push_killed_after_parts(
+    s3: &S3,
+    proxy: &FaultProxy,
+    bucket: &str,
+    sk: &Path,
+    cache_home: &Path,
+    top: &Path,
+    pass: usize,
+) {
+    proxy.clear();
+    proxy.clear_log();
+    proxy.add(Rule {
+        method: "PUT",
+        target: "partNumber=",
+        times: pass,
+        fault: Fault::Jitter(Duration::ZERO),
+    });
+    proxy.add(Rule {
+        method: "PUT",
+        target: "partNumber=",
+        times: usize::MAX,
+        fault: Fault::StallThenDrop(Duration::from_secs(60)),
+    });
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    let mut child = c
+        .env("XDG_CACHE_HOME", cache_home)
+        .arg("copy")
+        .arg("--to")
+        .arg(s3.url(bucket, ""))
+        .arg("--endpoint")
+        .arg(proxy.endpoint())
+        .arg("--signing-key")
+        .arg(sk)
+        .args(["--part-size", "5", "--compression", "none"])
+        .arg(top)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while parts_sent(proxy) < pass {
+        assert!(Instant::now() < deadline, "{pass} parts never got through");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the client take in the last answers (and journal them), then kill it outright.
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    proxy.clear();
+}
+
+/// A push SIGKILLed mid-NAR and run again resumes the multipart upload from its journal:
+/// only the parts the server lacks are sent, the NAR is whole (`verify --full` hashes it)
+/// and the journal is gone. A journal whose upload is gone (here aborted, as gc does) is
+/// discarded, and the push starts over and succeeds. On SeaweedFS and Ceph RGW.
+#[test]
+fn a_killed_push_resumes_its_multipart_upload_from_the_journal() {
+    for s3 in S3::all() {
+        let proxy = FaultProxy::start(&s3.endpoint);
+        let tmp = tempfile::tempdir().unwrap();
+        let (sk, pk) = keygen(tmp.path(), "faults-1");
+        let home = tmp.path().join("cache-home");
+        let journals = home.join("cachepush").join("uploads");
+        let count = |d: &Path| std::fs::read_dir(d).map_or(0, |r| r.count());
+        let top = big_of(&unique("resume"), 60);
+        let bucket = s3.new_bucket("resume");
+        push_killed_after_parts(&s3, &proxy, &bucket, &sk, &home, &top, 9);
+        assert_eq!(
+            count(&journals),
+            1,
+            "{}: no journal left by the kill",
+            s3.name
+        );
+        assert_eq!(s3.open_uploads(&bucket, "").len(), 1, "{}", s3.name);
+
+        proxy.clear_log();
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        let o = c
+            .env("XDG_CACHE_HOME", &home)
+            .arg("copy")
+            .arg("--to")
+            .arg(s3.url(&bucket, ""))
+            .arg("--endpoint")
+            .arg(proxy.endpoint())
+            .arg("--signing-key")
+            .arg(&sk)
+            .args(["--part-size", "5", "--compression", "none", "--json"])
+            .arg(&top)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}: {}", s3.name, stderr_of(&o));
+        let j = json(&o);
+        let part = 5u64 << 20;
+        let file = j["sent_bytes"].as_u64().unwrap();
+        let parts = file.div_ceil(part) as usize;
+        assert!(parts >= 12, "{}: {parts} parts", s3.name);
+        assert_eq!(j["requests"]["resumed_bytes"], 9 * part, "{}: {j}", s3.name);
+        assert_eq!(
+            parts_sent(&proxy),
+            parts - 9,
+            "{}: parts sent again",
+            s3.name
+        );
+        assert_eq!(count(&journals), 0, "{}: journal kept", s3.name);
+        assert_verified(&s3, &bucket, &pk, 3);
+
+        // The upload is gone before the re-run: the journal is discarded, all is sent.
+        let top = big_of(&unique("resume-gone"), 24);
+        let bucket = s3.new_bucket("resume-gone");
+        push_killed_after_parts(&s3, &proxy, &bucket, &sk, &home, &top, 2);
+        assert_eq!(count(&journals), 1, "{}", s3.name);
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        run_ok(
+            c.args(["verify", "--abort-open-uploads"])
+                .arg(s3.url(&bucket, "")),
+        );
+        assert!(s3.open_uploads(&bucket, "").is_empty(), "{}", s3.name);
+        proxy.clear_log();
+        let mut c = cachepush();
+        s3.creds(&mut c);
+        let o = c
+            .env("XDG_CACHE_HOME", &home)
+            .arg("copy")
+            .arg("--to")
+            .arg(s3.url(&bucket, ""))
+            .arg("--endpoint")
+            .arg(proxy.endpoint())
+            .arg("--signing-key")
+            .arg(&sk)
+            .args(["--part-size", "5", "--compression", "none", "--json"])
+            .arg(&top)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}: {}", s3.name, stderr_of(&o));
+        let j = json(&o);
+        assert_eq!(j["requests"]["resumed_bytes"], 0, "{}: {j}", s3.name);
+        let parts = j["sent_bytes"].as_u64().unwrap().div_ceil(part) as usize;
+        assert_eq!(parts_sent(&proxy), parts, "{}", s3.name);
+        assert_eq!(count(&journals), 0, "{}", s3.name);
+        assert_verified(&s3, &bucket, &pk, 3);
+    }
+}

@@ -133,6 +133,13 @@ pub struct Settings {
     #[arg(long, value_name = "MIB", env = "CACHEPUSH_PART_SIZE",
           value_parser = clap::value_parser!(u32).range(5..=5120))]
     part_size: Option<u32>,
+    /// A push killed mid-upload (SIGKILL, OOM, a lost runner) and run again within this
+    /// long resumes its multipart uploads from a journal in ~/.cache/cachepush/uploads,
+    /// sending only the parts the server does not have; 0 turns the journal off
+    /// [default: 24h].
+    #[arg(long, value_name = "DURATION", env = "CACHEPUSH_RESUME_WITHIN",
+          value_parser = super::gc::parse_duration)]
+    resume_within: Option<i64>,
     /// When no credentials are available (a pull request from a fork, where CI secrets are
     /// empty), warn and exit 0 instead of failing.
     #[arg(long, env = "CACHEPUSH_SKIP_IF_NO_CREDENTIALS",
@@ -418,6 +425,9 @@ impl Pusher {
         // Small requests follow the link (an adaptive limit); --jobs is its ceiling.
         given.paced = true;
         given.max_concurrency = jobs;
+        given.resume_within = Some(std::time::Duration::from_secs(
+            settings.resume_within.unwrap_or(24 * 3600).max(0) as u64,
+        ));
         let opts = OpenOptions {
             given,
             fallback: file.s3_settings(),

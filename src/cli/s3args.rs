@@ -36,6 +36,7 @@ impl S3Args {
             max_attempts: None,
             paced: false,
             max_concurrency: None,
+            resume_within: None,
         }
     }
 }

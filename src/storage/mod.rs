@@ -354,6 +354,9 @@ pub struct RequestStats {
     /// times throttling halved it (0 and 0 when not paced).
     pub limit_peak: u64,
     pub limit_cuts: u64,
+    /// Bytes of multipart parts not sent again because an earlier, killed push had sent
+    /// them (the upload was resumed from its journal).
+    pub resumed_bytes: u64,
 }
 
 /// A kind of request, as [`RequestStats`] counts them.
@@ -380,6 +383,7 @@ pub struct RequestCounters {
     list: AtomicU64,
     retries: AtomicU64,
     throttled: AtomicU64,
+    resumed: AtomicU64,
 }
 
 impl RequestCounters {
@@ -394,6 +398,11 @@ impl RequestCounters {
             RequestKind::List => &self.list,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` bytes of parts were found on the server and not sent again.
+    pub fn resumed(&self, n: u64) {
+        self.resumed.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The server asked us to slow down.
@@ -419,6 +428,7 @@ impl RequestCounters {
             throttled: l(&self.throttled),
             limit_peak: 0,
             limit_cuts: 0,
+            resumed_bytes: l(&self.resumed),
         }
     }
 }

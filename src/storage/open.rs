@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::local::LocalStaged;
 use super::s3::S3Staged;
+use super::s3::journal::Journal;
 use super::s3::profile::Provider;
 use super::{
     ByteRange, LocalDir, ObjectBytes, ObjectMeta, RequestStats, S3Bucket, S3Config, Staged,
@@ -37,6 +38,9 @@ pub struct S3Settings {
     pub paced: bool,
     /// Ceiling of that limit (`--jobs`); `None`: the provider's.
     pub max_concurrency: Option<usize>,
+    /// Journal multipart uploads so that a killed push resumes them within this long
+    /// (pushes); `None` or zero: no journal.
+    pub resume_within: Option<Duration>,
 }
 
 /// How to open a cache.
@@ -121,6 +125,11 @@ pub fn s3_config(url: &TargetUrl, opts: &OpenOptions) -> Result<S3Config, OpenEr
                 .unwrap_or(profile.ceiling)
                 .max(1),
         );
+    }
+    if let Some(age) = given.resume_within.filter(|d| !d.is_zero())
+        && let Some(dir) = Journal::default_dir()
+    {
+        cfg.journal = Some(Journal { dir, max_age: age });
     }
     cfg.region = pick(&given.region, "region", &fallback.region);
     cfg.profile = pick(&given.profile, "profile", &fallback.profile);

@@ -35,6 +35,9 @@ pub struct S3Config {
     pub content_md5: bool,
     /// Error codes that mean throttling besides the common ones.
     pub throttle_codes: &'static [&'static str],
+    /// Where multipart uploads are journaled so that a killed push can resume them;
+    /// `None`: not journaled.
+    pub journal: Option<super::journal::Journal>,
 }
 
 impl S3Config {

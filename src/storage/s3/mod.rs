@@ -14,6 +14,7 @@
 //! and presigning, [`multipart`] the uploads.
 
 mod config;
+pub mod journal;
 mod multipart;
 pub mod pace;
 pub mod profile;
@@ -193,6 +194,12 @@ impl S3Bucket {
             Some(p) => p.provide_credentials().await.is_ok(),
             None => false,
         }
+    }
+
+    /// Who this client writes to, as journals of resumable uploads name it: the bucket,
+    /// prefix and endpoint.
+    fn describe_target(&self) -> String {
+        self.describe()
     }
 
     /// The ceiling on small requests in flight when paced.
@@ -377,7 +384,7 @@ impl Storage for S3Bucket {
                 body: buf.freeze(),
             });
         }
-        let mut mp = Multipart::start(self.clone(), key, ct).await?;
+        let mut mp = Multipart::start(self.clone(), key, ct, part_size).await?;
         let sent: Result<(), StorageError> = async {
             loop {
                 mp.send_part(std::mem::take(&mut buf).freeze()).await?;

@@ -8,7 +8,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use super::S3Bucket;
+use super::journal::{self, Entry, Journal, JournalPart, part_crc};
 use super::retry::to_error;
 use crate::storage::{RequestKind, Staged, Storage, StorageError};
 
@@ -58,6 +62,53 @@ impl S3Bucket {
         }
         Ok(out)
     }
+
+    /// The parts the server holds for an upload: number → (length, ETag); `None` when the
+    /// upload is gone.
+    async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Option<HashMap<i32, (u64, Option<String>)>>, StorageError> {
+        let i = &self.inner;
+        let obj = i.object_key(key);
+        let mut out = HashMap::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let res = i
+                .retry(RequestKind::List, "ListParts", key, || {
+                    i.client
+                        .list_parts()
+                        .bucket(&i.cfg.bucket)
+                        .key(&obj)
+                        .upload_id(upload_id)
+                        .set_part_number_marker(marker.clone())
+                        .send()
+                })
+                .await?;
+            let res = match res {
+                Ok(r) => r,
+                Err(c) if c.no_such_upload || c.not_found => return Ok(None),
+                Err(c) => return Err(to_error("ListParts", key, c)),
+            };
+            for p in res.parts() {
+                if let Some(n) = p.part_number() {
+                    out.insert(
+                        n,
+                        (
+                            p.size().map_or(0, |s| s.max(0) as u64),
+                            p.e_tag().map(str::to_owned),
+                        ),
+                    );
+                }
+            }
+            match res.next_part_number_marker() {
+                Some(m) if res.is_truncated() == Some(true) => marker = Some(m.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(Some(out))
+    }
 }
 
 /// Fills `buf` up to `limit` bytes, first from `carry` (the rest of a chunk that crossed
@@ -95,14 +146,74 @@ pub struct Multipart {
     in_flight: JoinSet<Result<CompletedPart, StorageError>>,
     done: Vec<CompletedPart>,
     finished: bool,
+    /// The journal of this upload, when journaled.
+    journal: Option<(Journal, Arc<Mutex<Entry>>)>,
+    /// Parts an earlier push sent that the server still has, by number.
+    resumable: HashMap<i32, JournalPart>,
 }
 
 impl Multipart {
+    /// Resumes the journaled upload of `key` when the server still has it, else starts one.
     pub(super) async fn start(
         bucket: S3Bucket,
         key: &str,
         ct: &'static str,
+        part_size: usize,
     ) -> Result<Self, StorageError> {
+        if let Some(j) = bucket.inner.cfg.journal.clone() {
+            let target = bucket.describe_target();
+            if let Some(e) = j.load(&target, key) {
+                let server = if e.part_size == part_size {
+                    bucket.list_parts(key, &e.upload_id).await.ok().flatten()
+                } else {
+                    None
+                };
+                match server {
+                    Some(server) => {
+                        let resumable = journal::confirmed(&e, &server);
+                        let entry = Entry {
+                            parts: resumable.values().cloned().collect(),
+                            ..e
+                        };
+                        if let Ok(mut open) = bucket.inner.open.lock() {
+                            open.insert(entry.upload_id.clone(), key.to_owned());
+                        }
+                        return Ok(Multipart {
+                            bucket: bucket.clone(),
+                            key: key.to_owned(),
+                            upload_id: entry.upload_id.clone(),
+                            next_part: 1,
+                            size: 0,
+                            in_flight: JoinSet::new(),
+                            done: Vec::new(),
+                            finished: false,
+                            journal: Some((j, Arc::new(Mutex::new(entry)))),
+                            resumable,
+                        });
+                    }
+                    // Gone (completed, aborted by gc), unreadable, or cut differently: a
+                    // fresh upload; the old one, if any, is left for gc.
+                    None => j.remove(&target, key),
+                }
+            }
+        }
+        let mut mp = Self::create(bucket, key, ct).await?;
+        if let Some(j) = mp.bucket.inner.cfg.journal.clone() {
+            let entry = Entry {
+                target: mp.bucket.describe_target(),
+                key: key.to_owned(),
+                upload_id: mp.upload_id.clone(),
+                part_size,
+                started: journal::now(),
+                parts: Vec::new(),
+            };
+            j.save(&entry);
+            mp.journal = Some((j, Arc::new(Mutex::new(entry))));
+        }
+        Ok(mp)
+    }
+
+    async fn create(bucket: S3Bucket, key: &str, ct: &'static str) -> Result<Self, StorageError> {
         let i = &bucket.inner;
         let obj = i.object_key(key);
         let out = i
@@ -137,7 +248,18 @@ impl Multipart {
             in_flight: JoinSet::new(),
             done: Vec::new(),
             finished: false,
+            journal: None,
+            resumable: HashMap::new(),
         })
+    }
+
+    /// Forgets the journal: the upload is complete or aborted.
+    fn drop_journal(&mut self) {
+        if let Some((j, e)) = self.journal.take()
+            && let Ok(e) = e.lock()
+        {
+            j.remove(&e.target, &e.key);
+        }
     }
 
     /// Uploads a part in the background once the global part budget has room.
@@ -157,6 +279,22 @@ impl Multipart {
         let n = self.next_part;
         self.next_part += 1;
         self.size += body.len() as u64;
+        let crc = part_crc(&body);
+        // Sent by an earlier push and still on the server with these very bytes.
+        if let Some(p) = self.resumable.remove(&n)
+            && p.size == body.len() as u64
+            && p.crc32 == crc
+        {
+            self.bucket.inner.counts.resumed(p.size);
+            self.done.push(
+                CompletedPart::builder()
+                    .part_number(n)
+                    .set_e_tag(p.etag)
+                    .build(),
+            );
+            return Ok(());
+        }
+        let journal = self.journal.clone();
         let bucket = self.bucket.clone();
         let key = self.key.clone();
         let upload_id = self.upload_id.clone();
@@ -179,9 +317,23 @@ impl Multipart {
                 })
                 .await?
                 .map_err(|c| to_error("UploadPart", &key, c))?;
+            let etag = out.e_tag().map(str::to_owned);
+            if let Some((j, entry)) = journal
+                && let Ok(mut e) = entry.lock()
+            {
+                e.parts.retain(|p| p.n != n);
+                e.parts.push(JournalPart {
+                    n,
+                    size: body.len() as u64,
+                    crc32: crc,
+                    etag: etag.clone(),
+                });
+                // Under the lock: a later state is never overwritten by an earlier one.
+                j.save(&e);
+            }
             Ok(CompletedPart::builder()
                 .part_number(n)
-                .set_e_tag(out.e_tag().map(str::to_owned))
+                .set_e_tag(etag)
                 .build())
         });
         Ok(())
@@ -230,6 +382,7 @@ impl Multipart {
             },
             Ok(Err(c)) => Err(to_error("CompleteMultipartUpload", &self.key, c)),
         };
+        self.drop_journal();
         match &res {
             Ok(()) => {
                 if let Ok(mut open) = i.open.lock() {
@@ -251,6 +404,7 @@ impl Multipart {
         while self.in_flight.join_next().await.is_some() {}
         // A failed abort leaves the upload registered, for `left_open` to report.
         abort_upload(&self.bucket, &self.key, &self.upload_id).await;
+        self.drop_journal();
         self.finished = true;
     }
 }
@@ -299,6 +453,7 @@ impl Drop for Multipart {
         // Dropped mid-way (a failed part, Ctrl-C): abort it so no upload is left open and
         // billed. Best effort; on shutdown the runtime may already be gone.
         self.in_flight.abort_all();
+        self.drop_journal();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let bucket = self.bucket.clone();
             let key = self.key.clone();
