@@ -56,21 +56,7 @@ fn assert_verified(s3: &S3, bucket: &str, pk: &str, narinfos: usize) {
 }
 
 fn big(salt: &str) -> PathBuf {
-    let out = run_ok(
-        Command::new("nix-build")
-            .arg(fixture("big.nix"))
-            .args([
-                "--no-out-link",
-                "--argstr",
-                "salt",
-                salt,
-                "--argstr",
-                "mib",
-                "12",
-            ])
-            .args(["--option", "substituters", ""]),
-    );
-    PathBuf::from(stdout(&out))
+    build_big(salt, 12)
 }
 
 /// Transient faults: the push retries through them and the cache ends up whole.
@@ -1499,18 +1485,6 @@ fn a_throttling_server_slows_the_push_down_and_it_still_finishes() {
     assert_verified(&s3, &bucket, &pk, 151);
 }
 
-/// A big closure (`mib` MiB in its large path) with fresh store paths.
-fn big_of(salt: &str, mib: u32) -> PathBuf {
-    let out = run_ok(
-        Command::new("nix-build")
-            .arg(fixture("big.nix"))
-            .args(["--no-out-link", "--argstr", "salt", salt])
-            .args(["--argstr", "mib", &mib.to_string()])
-            .args(["--option", "substituters", ""]),
-    );
-    PathBuf::from(stdout(&out))
-}
-
 /// Parts PUT through the proxy and answered 200.
 fn parts_sent(proxy: &FaultProxy) -> usize {
     proxy
@@ -1575,6 +1549,24 @@ fn push_killed_after_parts(
     proxy.clear();
 }
 
+/// The re-run of a killed push: the same command, with the same journal directory.
+fn resume(s3: &S3, proxy: &FaultProxy, bucket: &str, sk: &Path, home: &Path, top: &Path) -> Output {
+    let mut c = cachepush();
+    s3.creds(&mut c);
+    c.env("XDG_CACHE_HOME", home)
+        .arg("copy")
+        .arg("--to")
+        .arg(s3.url(bucket, ""))
+        .arg("--endpoint")
+        .arg(proxy.endpoint())
+        .arg("--signing-key")
+        .arg(sk)
+        .args(["--part-size", "5", "--compression", "none", "--json"])
+        .arg(top)
+        .output()
+        .unwrap()
+}
+
 /// A push SIGKILLed mid-NAR and run again resumes the multipart upload from its journal:
 /// only the parts the server lacks are sent, the NAR is whole (`verify --full` hashes it)
 /// and the journal is gone. A journal whose upload is gone (here aborted, as gc does) is
@@ -1588,7 +1580,7 @@ fn a_killed_push_resumes_its_multipart_upload_from_the_journal() {
         let home = tmp.path().join("cache-home");
         let journals = home.join("cachepush").join("uploads");
         let count = |d: &Path| std::fs::read_dir(d).map_or(0, |r| r.count());
-        let top = big_of(&unique("resume"), 60);
+        let top = build_big(&unique("resume"), 60);
         let bucket = s3.new_bucket("resume");
         push_killed_after_parts(&s3, &proxy, &bucket, &sk, &home, &top, 9);
         assert_eq!(
@@ -1600,21 +1592,7 @@ fn a_killed_push_resumes_its_multipart_upload_from_the_journal() {
         assert_eq!(s3.open_uploads(&bucket, "").len(), 1, "{}", s3.name);
 
         proxy.clear_log();
-        let mut c = cachepush();
-        s3.creds(&mut c);
-        let o = c
-            .env("XDG_CACHE_HOME", &home)
-            .arg("copy")
-            .arg("--to")
-            .arg(s3.url(&bucket, ""))
-            .arg("--endpoint")
-            .arg(proxy.endpoint())
-            .arg("--signing-key")
-            .arg(&sk)
-            .args(["--part-size", "5", "--compression", "none", "--json"])
-            .arg(&top)
-            .output()
-            .unwrap();
+        let o = resume(&s3, &proxy, &bucket, &sk, &home, &top);
         assert!(o.status.success(), "{}: {}", s3.name, stderr_of(&o));
         let j = json(&o);
         let part = 5u64 << 20;
@@ -1632,7 +1610,7 @@ fn a_killed_push_resumes_its_multipart_upload_from_the_journal() {
         assert_verified(&s3, &bucket, &pk, 3);
 
         // The upload is gone before the re-run: the journal is discarded, all is sent.
-        let top = big_of(&unique("resume-gone"), 24);
+        let top = build_big(&unique("resume-gone"), 24);
         let bucket = s3.new_bucket("resume-gone");
         push_killed_after_parts(&s3, &proxy, &bucket, &sk, &home, &top, 2);
         assert_eq!(count(&journals), 1, "{}", s3.name);
@@ -1644,21 +1622,7 @@ fn a_killed_push_resumes_its_multipart_upload_from_the_journal() {
         );
         assert!(s3.open_uploads(&bucket, "").is_empty(), "{}", s3.name);
         proxy.clear_log();
-        let mut c = cachepush();
-        s3.creds(&mut c);
-        let o = c
-            .env("XDG_CACHE_HOME", &home)
-            .arg("copy")
-            .arg("--to")
-            .arg(s3.url(&bucket, ""))
-            .arg("--endpoint")
-            .arg(proxy.endpoint())
-            .arg("--signing-key")
-            .arg(&sk)
-            .args(["--part-size", "5", "--compression", "none", "--json"])
-            .arg(&top)
-            .output()
-            .unwrap();
+        let o = resume(&s3, &proxy, &bucket, &sk, &home, &top);
         assert!(o.status.success(), "{}: {}", s3.name, stderr_of(&o));
         let j = json(&o);
         assert_eq!(j["requests"]["resumed_bytes"], 0, "{}: {j}", s3.name);

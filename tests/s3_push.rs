@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use cachepush::format::NarInfo;
@@ -176,19 +176,6 @@ fn layout_headers_no_op_repush_and_nix_substitutes_over_http() {
         assert_eq!(j["requests"]["multipart"], 0, "{}: {j}", s3.name);
         assert_eq!(s3.keys(&bucket, &prefix), keys);
     }
-}
-
-/// Builds `tests/fixtures/big.nix` (small <- big <- top) with a large file of `mib` MiB.
-fn build_big(salt: &str, mib: u32) -> PathBuf {
-    require("nix-build");
-    let out = run_ok(
-        Command::new("nix-build")
-            .arg(fixture("big.nix"))
-            .args(["--no-out-link", "--argstr", "salt", salt])
-            .args(["--argstr", "mib", &mib.to_string()])
-            .args(["--option", "substituters", ""]),
-    );
-    PathBuf::from(stdout(&out))
 }
 
 #[test]

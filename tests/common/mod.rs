@@ -81,6 +81,19 @@ pub fn build_wide(salt: &str) -> PathBuf {
     PathBuf::from(stdout(&out))
 }
 
+/// Builds `tests/fixtures/big.nix` (small <- big <- top) with a large file of `mib` MiB.
+pub fn build_big(salt: &str, mib: u32) -> PathBuf {
+    require("nix-build");
+    let out = run_ok(
+        Command::new("nix-build")
+            .arg(fixture("big.nix"))
+            .args(["--no-out-link", "--argstr", "salt", salt])
+            .args(["--argstr", "mib", &mib.to_string()])
+            .args(["--option", "substituters", ""]),
+    );
+    PathBuf::from(stdout(&out))
+}
+
 /// The closure fixture built once per test binary with the empty salt.
 pub fn shared_top() -> &'static Path {
     static TOP: OnceLock<PathBuf> = OnceLock::new();
