@@ -5,7 +5,8 @@
 //! 2. **Plan** ([`plan`]): asks the target which narinfos exist (bounded concurrency;
 //!    HEADs meeting a listing, [`presence`]) and
 //!    splits the closure into "already there" and "to send". Nothing is written.
-//! 3. **Upload** ([`execute`]): NARs are streamed, largest first, at most `jobs` at once;
+//! 3. **Upload** ([`execute`]): NARs are streamed, largest first, at most `jobs` at once
+//!    and within a memory budget (an S3 target then paces the requests themselves);
 //!    each is staged, its NarHash checked against the store's, then committed. A narinfo
 //!    is written only after its NAR and after the narinfos of all its references, so a
 //!    visible narinfo never points at something missing, whatever fails or stops.

@@ -130,9 +130,18 @@ pub async fn execute<S: Storage>(
         waiting_on.insert(info.path.clone(), refs);
     }
 
-    // Largest NARs first, so that one big path does not become the tail of the push.
+    // Order: large NARs first, so that one big path does not become the tail of the push;
+    // then the bottoms of the longest chains, since a chain's narinfos go out one round
+    // trip after another once their NARs are there; then larger before smaller.
+    let height = chain_heights(&plan.to_send, &dependents);
     let mut queue: Vec<PathInfo> = plan.to_send;
-    queue.sort_by_key(|p| p.nar_size);
+    queue.sort_by_key(|p| {
+        (
+            p.nar_size >= SMALL,
+            height.get(&p.path).copied().unwrap_or(0),
+            p.nar_size,
+        )
+    });
 
     let mut nars: JoinSet<Done> = JoinSet::new();
     let mut narinfos: JoinSet<Done> = JoinSet::new();
@@ -150,7 +159,13 @@ pub async fn execute<S: Storage>(
     let cpu = Arc::new(tokio::sync::Semaphore::new(cores * 2));
 
     loop {
-        while nars.len() < jobs {
+        // A paced backend lets out about `limit` requests at once: keep not many more NARs
+        // than that under way, so that a narinfo (the next link of a chain) waits behind a
+        // short queue, not behind hundreds of NARs.
+        let cap = storage
+            .concurrency_hint()
+            .map_or(jobs, |l| (l + l / 4 + 4).min(jobs));
+        while nars.len() < cap {
             // The budget bounds memory, never progress: one NAR always goes.
             let Some(next) = queue.last() else { break };
             let w = weight(next.nar_size);
@@ -273,6 +288,47 @@ pub async fn execute<S: Storage>(
     }
     report.seconds = started.elapsed().as_secs_f64();
     report
+}
+
+/// For each path, the longest chain of paths (being sent) that refer to it, directly or
+/// not: 0 for a path nothing being sent refers to.
+fn chain_heights(
+    paths: &[PathInfo],
+    dependents: &HashMap<StorePath, Vec<StorePath>>,
+) -> HashMap<StorePath, usize> {
+    // Kahn's algorithm from the top: a path's height is known once all its dependents'.
+    let mut pending: HashMap<&StorePath, usize> = paths
+        .iter()
+        .map(|p| (&p.path, dependents.get(&p.path).map_or(0, Vec::len)))
+        .collect();
+    let refs: HashMap<&StorePath, &[StorePath]> = paths
+        .iter()
+        .map(|p| (&p.path, p.references.as_slice()))
+        .collect();
+    let mut height: HashMap<StorePath, usize> = HashMap::new();
+    let mut ready: Vec<&StorePath> = pending
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(p, _)| *p)
+        .collect();
+    while let Some(p) = ready.pop() {
+        let h = *height.entry(p.clone()).or_insert(0);
+        for r in refs.get(p).copied().unwrap_or_default() {
+            if r == p {
+                continue;
+            }
+            let Some(n) = pending.get_mut(r) else {
+                continue;
+            };
+            let e = height.entry(r.clone()).or_insert(0);
+            *e = (*e).max(h + 1);
+            *n -= 1;
+            if *n == 0 {
+                ready.push(r);
+            }
+        }
+    }
+    height
 }
 
 /// Streams one NAR to the target and returns the narinfo to publish for it.
@@ -477,6 +533,41 @@ mod tests {
 
     use crate::format::Sha256;
     use std::path::Path;
+
+    #[test]
+    fn chain_heights_count_the_longest_chain_of_referrers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        std::fs::create_dir_all(&root).unwrap();
+        let dir = StoreDir::new(root.to_str().unwrap()).unwrap();
+        // a <- b <- c <- d, a <- e (e alone above a), f alone.
+        let a = path(&root, &dir, "a", &[], false);
+        let b = path(&root, &dir, "b", &[&a], false);
+        let c = path(&root, &dir, "c", &[&b], false);
+        let d = path(&root, &dir, "d", &[&c], false);
+        let e = path(&root, &dir, "e", &[&a], false);
+        let f = path(&root, &dir, "f", &[], false);
+        let all = vec![
+            a.clone(),
+            b.clone(),
+            c.clone(),
+            d.clone(),
+            e.clone(),
+            f.clone(),
+        ];
+        let mut dependents: HashMap<StorePath, Vec<StorePath>> = HashMap::new();
+        for p in &all {
+            for r in &p.references {
+                dependents
+                    .entry(r.clone())
+                    .or_default()
+                    .push(p.path.clone());
+            }
+        }
+        let h = chain_heights(&all, &dependents);
+        let got: Vec<usize> = all.iter().map(|p| h[&p.path]).collect();
+        assert_eq!(got, vec![3, 2, 1, 0, 0, 0]);
+    }
 
     #[tokio::test]
     async fn order_failure_propagation_and_the_hash_gate() {

@@ -255,6 +255,13 @@ pub trait Storage: Send + Sync + 'static {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// How many requests the backend lets out at once right now, when it paces them
+    /// itself: callers keep about that many waiting, so that what they send later (a
+    /// narinfo on a chain's critical path) does not queue behind hundreds of others.
+    fn concurrency_hint(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One object as a listing shows it.

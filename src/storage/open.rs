@@ -420,6 +420,10 @@ impl Storage for AnyStorage {
     fn notes(&self) -> Vec<String> {
         each!(self, s => s.notes())
     }
+
+    fn concurrency_hint(&self) -> Option<usize> {
+        each!(self, s => s.concurrency_hint())
+    }
 }
 
 #[cfg(test)]

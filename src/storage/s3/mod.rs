@@ -511,6 +511,10 @@ impl Storage for S3Bucket {
         self.inner.open.lock().map_or(0, |m| m.len())
     }
 
+    fn concurrency_hint(&self) -> Option<usize> {
+        self.inner.pace.as_ref().map(|p| p.limit())
+    }
+
     fn notes(&self) -> Vec<String> {
         self.inner
             .notes

@@ -14,7 +14,7 @@
 //! - **halves** on a throttling answer (503 SlowDown, B2's 503 "too busy", 429,
 //!   `RequestTimeout`), at most once per round trip, since one burst of throttling
 //!   answers to requests sent together is one signal, not many (AIMD, as TCP);
-//! - stays between 1 and the ceiling (`--jobs`, or the provider's).
+//! - stays between 4 and the ceiling (`--jobs`, or the provider's).
 //!
 //! Large multipart parts are not paced here: their number in flight is the memory budget
 //! (`parts_in_flight`), and each of them is long enough to fill the link on its own.
@@ -26,6 +26,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The limit a push starts with (the fixed default before the limit adapted).
 pub const INITIAL: usize = 16;
+/// Cuts stop here (or at the ceiling, if lower). A server that throttles a share of
+/// requests whatever the rate would otherwise drive the limit to one and the push to a
+/// crawl; every throttled request still waits out its own backoff, so four in flight is
+/// still a client that slows down.
+pub const FLOOR: usize = 4;
 /// A smoothed latency within `FACTOR` × the lowest seen + `SLACK` still counts as
 /// "holding". Not 2: a request on a new connection pays the TCP (and TLS) handshake too,
 /// and while the limit grows, many requests open new connections.
@@ -162,7 +167,7 @@ impl Pace {
                 }
                 s.last_cut = Some(Instant::now());
                 s.slow_start = false;
-                s.limit = (s.limit / 2.0).max(1.0);
+                s.limit = (s.limit / 2.0).max(FLOOR.min(self.ceiling) as f64);
                 s.cuts += 1;
             }
         }
@@ -299,15 +304,15 @@ mod tests {
             p.finish(Signal::Nothing);
         }
         assert_eq!(pace.sem.available_permits(), 8);
-        // Never below one, never above the ceiling.
-        for _ in 0..20 {
+        // Never below the floor, never above the ceiling.
+        for _ in 0..3 {
             tokio::time::sleep(MIN_CUT_INTERVAL).await;
             pace.acquire().await.finish(Signal::Throttled);
-            if pace.limit() == 1 {
-                break;
-            }
         }
-        assert_eq!(pace.limit(), 1);
-        assert_eq!(Pace::new(4).limit(), 4);
+        assert_eq!(pace.limit(), FLOOR);
+        assert_eq!(Pace::new(2).limit(), 2);
+        let small = Pace::new(2);
+        small.acquire().await.finish(Signal::Throttled);
+        assert_eq!(small.limit(), 2);
     }
 }
