@@ -370,6 +370,45 @@ def throttle_bench(server, key, paths, percent, rtt):
             "narinfos": j.get("narinfos")}
 
 
+def resume_bench(server, key, paths, at=0.8):
+    """A push of W2 (one 1 GiB NAR) SIGKILLed once the parts its journal records reach `at`
+    of the file, then run again: how much of the file the second run sends."""
+    home = WORK / "resume-home"
+    shutil.rmtree(home, ignore_errors=True)
+    journals = home / "cachepush" / "uploads"
+    env = dict(server.env(), XDG_CACHE_HOME=str(home))
+    log("resume: a full push of W2, for its file size")
+    full = cachepush_push(server, server.bucket("resumefull"), key, paths)
+    size = full["sent_bytes"]
+    b = server.bucket("resume")
+    url = f"s3://{b}?endpoint={ENDPOINT}&region=us-east-1"
+    cmd = [str(CP), "copy", "--to", url, "--signing-key", str(key), "--json", "-q",
+           "--compression-level", str(LEVEL)] + paths
+    log(f"resume: the same push, killed at {at:.0%} of {size} bytes")
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = 0
+    while p.poll() is None:
+        done = 0
+        for f in journals.glob("*.json"):
+            try:
+                done += sum(q["size"] for q in json.loads(f.read_text())["parts"])
+            except (OSError, ValueError, KeyError):
+                pass
+        if done >= at * size:
+            p.kill()
+            break
+        time.sleep(0.02)
+    p.wait()
+    if done < at * size:
+        raise SystemExit(f"resume: the push ended before {at:.0%} of the NAR was sent ({done} of {size} bytes)")
+    log("resume: the re-run")
+    m = timed(cmd, env, server=server)
+    j = json.loads(m.pop("stdout"))
+    resumed = j["requests"]["resumed_bytes"]
+    return {"file_bytes": size, "killed_at_bytes": done, "resumed_bytes": resumed,
+            "resent_fraction": (size - resumed) / size, "rerun_wall": m["wall"], "full_wall": full["wall"]}
+
+
 def plot_svg(wan, path):
     """Time against round trip, one line per contender and workload (and the floor)."""
     W, H, L, B, T, R = 720, 420, 60, 50, 20, 200
@@ -568,7 +607,7 @@ def main():
         if not key.exists():
             run([str(CP), "keygen", "bench-1", str(key)])
         sp = specs(a.short)
-        paths = {w: build(w, sp[w], a.short) for w in ("W1", "W3")}
+        paths = {w: build(w, sp[w], a.short) for w in ("W1", "W2", "W3")}
         server = Server()
         try:
             wan = wan_section(server, key, sp, paths, a.short)
@@ -686,7 +725,10 @@ def wan_section(server, key, sp, paths, short):
         wan = wan_bench(server, key, sp, paths, [50], ["W1"])
     else:
         wan = wan_bench(server, key, sp, paths, [0, 50, 100], ["W1", "W3"])
-    return {"wan": wan, "throttle": throttle_bench(server, key, paths["W1"], 30, 0 if short else 50)}
+    out = {"wan": wan, "throttle": throttle_bench(server, key, paths["W1"], 30, 0 if short else 50)}
+    if "W2" in paths and not short:
+        out["resume"] = resume_bench(server, key, paths["W2"])
+    return out
 
 
 def last_bucket_of(server, results, paths, key):
@@ -752,6 +794,10 @@ def targets(r):
         row(f"W1 with {th['percent']}% of answers throttled: exit 0 and verify clean",
             f"exit {th['exit']}, {th['pushed']} pushed in {th['wall']:.1f} s, {th['throttled']} throttled answers, "
             f"verify exit {th['verify_exit']} ({th['verify_problems']} problems)", ok)
+    rs = r.get("resume")
+    if rs:
+        row(f"W2 killed at {rs['killed_at_bytes'] / rs['file_bytes']:.0%} and re-run: sends less than 30% again",
+            f"{rs['resent_fraction']:.0%}", rs["resent_fraction"] < 0.30)
     gc = r.get("gc")
     if gc:
         s = gc["second"]
@@ -855,6 +901,12 @@ def report(r, short):
               f"{th['pushed']} paths pushed in {th['wall']:.1f} s, exit 0; {th['throttled']} throttled answers, the limit cut "
               f"{th['limit_cuts']} times (peak {th['limit_peak']}); `verify --full` exit {th['verify_exit']}, {th['verify_problems']} problems "
               f"over {th['narinfos']} narinfos."]
+    rs = r.get("resume")
+    if rs:
+        L += ["", f"Resumed: a push of W2 ({rs['file_bytes'] / 2**20:.0f} MiB compressed) SIGKILLed once its journal recorded "
+              f"{rs['killed_at_bytes'] / rs['file_bytes']:.0%} of the file, then run again: the re-run found "
+              f"{rs['resumed_bytes'] / 2**20:.0f} MiB of parts on the server and sent {rs['resent_fraction']:.0%} of the file again, "
+              f"in {rs['rerun_wall']:.1f} s (a full push: {rs['full_wall']:.1f} s; the NAR is produced and hashed again either way)."]
     L += ["", "## Gateway", "", "| measurement | requests/s | p50 | p99 | MB/s |", "|---|---|---|---|---|"]
     for k, g in r["gateway"].items():
         few = f"too few samples ({g.get('requests', '?')})"
