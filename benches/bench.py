@@ -830,6 +830,17 @@ def targets(r):
         "  The same bound caps the ratio to nix copy + aws s3 sync (about 2×).",
         "- Proxied NARs at c=16: the gateway, SeaweedFS and wrk compete for two cores; the direct GET",
         "  has one process fewer in the path.",
+        "",
+        "Over a wide-area link, what the time is made of: a push starts with about eight round trips",
+        "one after the other (connection, `nix-cache-info`, the gc marker, the plan's listing, the",
+        "push record, the marker again), then the requests themselves, with the limit on requests in",
+        "flight starting at 16 and growing by half each round trip (`peak limit`), then the",
+        "narinfos of the longest chain of references, one round trip per link: W1's chain is 19 deep,",
+        "and its narinfos cannot go out faster than 19 round trips whatever the concurrency. NARs at",
+        "the bottom of long chains go first and NARs under way follow the limit, so a narinfo waits",
+        "behind a short queue; the rest of the gap to the floor is the fixed round trips and the",
+        "ramp. With 30% of answers throttled the push completes; each throttled request waits out",
+        "its backoff and the limit sits at its floor of 4, so it is slow by design, not stuck.",
     ]
     return ["", "## Targets", "", "| target | measured | |", "|---|---|---|"] + rows + notes
 
@@ -921,7 +932,7 @@ def report(r, short):
           "W1 small paths of 1–50 KiB (log-uniform) with 1–20 files each and references forming a DAG; W2 one large path; W3 a mix of small paths and a few large ones; W4 a no-op re-push of W1 and W3.",
           "- cachepush: `cachepush copy --to s3://BUCKET?endpoint=... --signing-key K --compression-level 3 --json --stdin` into a fresh bucket each run.",
           "- nix copy + aws s3 sync: `nix copy --to 'file://DIR?compression=zstd&compression-level=3&secret-key=K'` then `aws s3 sync DIR s3://BUCKET/` (awscli from PyPI).",
-          "- CPU floor: `nix-store --dump P | zstd -3 -T0 | sha256sum` for every path, as many in parallel as there are cores.",
+          "- CPU floor: `nix-store --dump P | zstd -3 -T0 | sha256sum` for every path, as many in parallel as there are cores; for W1's 2,000 small paths the same work in one process (`benches/cpu_floor.rs`: NAR, SHA-256, zstd, SHA-256 on every core), since three processes per path measured mostly their start-up.",
           "- Upload floor: `benches/put_floor.rs`, raw PUTs of exactly the objects (count and sizes) cachepush wrote, 64 at a time, with aws-sdk-s3.",
           "- CPU seconds from `/usr/bin/time` (the client) and `/proc/PID/stat` (the SeaweedFS process); peak RSS from `/usr/bin/time`.",
           "- gc: `benches/gc_fill.rs` writes N narinfos in ten groups (each refers to up to three earlier paths of its group), N small NARs and a pin of groups 0–8; then `cachepush gc s3://BUCKET?endpoint=... --keep-days 0 --grace 0s --json` twice.",

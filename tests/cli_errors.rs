@@ -463,6 +463,29 @@ fn bad_urls_and_flags_exit_2_and_write_nothing() {
         (
             vec![
                 "--to".into(),
+                "s3://nix-cache?endpoint=http://127.0.0.1:9&region=us-east-1&provider=minio".into(),
+            ],
+            "unknown provider=minio",
+        ),
+        (
+            vec![
+                "--to".into(),
+                "s3://nix-cache?endpoint=http://127.0.0.1:9&region=us-east-1&checksum=crc64".into(),
+            ],
+            "unknown checksum=crc64",
+        ),
+        (
+            vec![
+                "--to".into(),
+                file_url.clone(),
+                "--resume-within".into(),
+                "soon".into(),
+            ],
+            "is not a duration",
+        ),
+        (
+            vec![
+                "--to".into(),
                 file_url.clone(),
                 "--part-size".into(),
                 "4".into(),

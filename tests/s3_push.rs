@@ -204,6 +204,24 @@ fn a_large_nar_goes_multipart_and_nix_accepts_it() {
         let dest = tmp.path().join("dest");
         let ok = nix_substitute(&s3.http_url(&bucket, &prefix), &dest, &top, &pk);
         assert!(ok.status.success(), "{}: {}", s3.name, stderr_of(&ok));
+
+        // The hosted providers' profile: every PUT and part carries Content-MD5, which the
+        // server checks (a wrong one is refused with BadDigest); the cache is the same.
+        let (bucket, prefix) = s3.new_public_cache("multipart-md5");
+        let url = format!("{}&provider=generic&checksum=md5", s3.url(&bucket, &prefix));
+        let out =
+            run_ok(copy_cmd(&url, Some(&s3), Some(&sk), &["--json", "--part-size", "5"]).arg(&top));
+        let j = json(&out);
+        assert_eq!(j["pushed"], 3, "{}: {j}", s3.name);
+        assert!(
+            j["requests"]["multipart"].as_u64().unwrap() >= 4,
+            "{}: {j}",
+            s3.name
+        );
+        assert_consistent(&s3, &bucket, &prefix);
+        let dest = tmp.path().join("dest-md5");
+        let ok = nix_substitute(&s3.http_url(&bucket, &prefix), &dest, &top, &pk);
+        assert!(ok.status.success(), "{}: {}", s3.name, stderr_of(&ok));
     }
 }
 
