@@ -17,6 +17,7 @@ pub mod compression;
 pub mod format;
 pub mod gateway;
 pub mod gc;
+pub mod host;
 pub mod push;
 pub mod storage;
 pub mod store;

@@ -599,6 +599,15 @@ fn the_plan_listing_answers_for_slow_heads_and_a_refused_listing_changes_nothing
         times: usize::MAX,
         fault: Fault::Status(403, "AccessDenied", None),
     });
+    // HEADs a little slow, so that the refusal (answered by the proxy at once) comes back
+    // before the last HEAD even on a loaded machine: a listing still in flight when every
+    // key has been answered is dropped, and with it what it would have said.
+    proxy.add(Rule {
+        method: "HEAD",
+        target: ".narinfo",
+        times: usize::MAX,
+        fault: Fault::Stall(Duration::from_millis(300)),
+    });
     for k in narinfos.iter().skip(5).step_by(10) {
         s3.delete(&bucket, k);
     }

@@ -34,30 +34,7 @@ pub const CLOCK_SKEW: i64 = 30;
 /// The largest record or marker read back, so that a huge object there costs no memory.
 const RECORD_LIMIT: u64 = 64 << 20;
 
-/// Seconds since the Unix epoch.
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// This machine's name, to tell a gc or push on this host whose process is gone.
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
-}
-
-/// Whether a process on this host with this pid is still there.
-pub fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // Signal 0 checks existence only; EPERM means it exists under another user.
-    // SAFETY: kill(2) with signal 0 sends nothing.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
+pub use crate::host::{host_name, now, process_alive};
 
 /// A short random id, unique enough to name a record.
 pub fn random_id() -> String {

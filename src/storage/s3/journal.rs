@@ -35,7 +35,22 @@ pub struct Entry {
     pub part_size: usize,
     /// Seconds since the epoch when the upload was created.
     pub started: i64,
+    /// The push that owns the upload while it runs: a journal whose process is alive on
+    /// this host belongs to a push in progress, whose upload must not be taken over.
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub pid: u32,
     pub parts: Vec<JournalPart>,
+}
+
+impl Entry {
+    /// Whether the push that wrote this journal is still running (here).
+    pub fn owner_alive(&self) -> bool {
+        self.pid != std::process::id()
+            && self.host == crate::host::host_name()
+            && crate::host::process_alive(self.pid)
+    }
 }
 
 /// Where the journals of one target live, and how old one may be and still be resumed.
@@ -45,11 +60,7 @@ pub struct Journal {
     pub max_age: Duration,
 }
 
-pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+pub use crate::host::now;
 
 /// The checksum a part is recognised by (with its length): cheap enough for every part
 /// of every large NAR, where a SHA-256 would cost a second of CPU per GiB.
@@ -161,6 +172,8 @@ mod tests {
             upload_id: "up-1".into(),
             part_size: 5 << 20,
             started,
+            host: crate::host::host_name(),
+            pid: 1,
             parts: vec![
                 JournalPart {
                     n: 1,
@@ -210,6 +223,19 @@ mod tests {
         j.save(&e);
         j.remove(&e.target, &e.key);
         assert!(j.load(&e.target, &e.key).is_none());
+    }
+
+    #[test]
+    fn a_journal_of_a_running_push_is_not_taken_over() {
+        // pid 1 is always alive; our own pid is not "another push"; a pid on another
+        // host says nothing about this one.
+        let mut e = entry(now());
+        assert!(e.owner_alive());
+        e.pid = std::process::id();
+        assert!(!e.owner_alive());
+        e.pid = 1;
+        e.host = "elsewhere.example".into();
+        assert!(!e.owner_alive());
     }
 
     #[test]

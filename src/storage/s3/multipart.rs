@@ -160,9 +160,18 @@ impl Multipart {
         ct: &'static str,
         part_size: usize,
     ) -> Result<Self, StorageError> {
-        if let Some(j) = bucket.inner.cfg.journal.clone() {
+        let mut journal = bucket.inner.cfg.journal.clone();
+        if let Some(j) = journal.clone() {
             let target = bucket.describe_target();
-            if let Some(e) = j.load(&target, key) {
+            if let Some(e) = j.load(&target, key).filter(|e| {
+                // Another push of the same NAR is running (two CI jobs on one runner, a
+                // watch and a manual push): its upload is its own, and so is its journal.
+                let live = e.owner_alive();
+                if live {
+                    journal = None;
+                }
+                !live
+            }) {
                 let server = if e.part_size == part_size {
                     bucket.list_parts(key, &e.upload_id).await.ok().flatten()
                 } else {
@@ -171,10 +180,14 @@ impl Multipart {
                 match server {
                     Some(server) => {
                         let resumable = journal::confirmed(&e, &server);
+                        // Ours now: saved at once, so that a third push sees it taken.
                         let entry = Entry {
                             parts: resumable.values().cloned().collect(),
+                            host: crate::host::host_name(),
+                            pid: std::process::id(),
                             ..e
                         };
+                        j.save(&entry);
                         if let Ok(mut open) = bucket.inner.open.lock() {
                             open.insert(entry.upload_id.clone(), key.to_owned());
                         }
@@ -198,13 +211,15 @@ impl Multipart {
             }
         }
         let mut mp = Self::create(bucket, key, ct).await?;
-        if let Some(j) = mp.bucket.inner.cfg.journal.clone() {
+        if let Some(j) = journal {
             let entry = Entry {
                 target: mp.bucket.describe_target(),
                 key: key.to_owned(),
                 upload_id: mp.upload_id.clone(),
                 part_size,
                 started: journal::now(),
+                host: crate::host::host_name(),
+                pid: std::process::id(),
                 parts: Vec::new(),
             };
             j.save(&entry);
