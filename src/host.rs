@@ -26,3 +26,11 @@ pub fn process_alive(pid: u32) -> bool {
     let r = unsafe { libc::kill(pid, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
+
+/// A short random id, unique enough to name a record.
+pub fn random_id() -> String {
+    let mut b = [0u8; 8];
+    // Without the OS's randomness the id is only less unique: the time and pid follow it.
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1513,3 +1513,141 @@ fn etags_revalidate_without_the_bucket_and_realisations_are_served() {
     assert_eq!(get(gw.addr, &format!("/{dbg}")).status, 200);
     assert_eq!(get(gw.addr, "/realisations/sha256:zz!out.doi").status, 400);
 }
+
+/// `cachepush token issue`: the token on stdout (nothing else there).
+fn issue_token(tk: &Path, scope: &str, prefix: &str, expires: &str) -> String {
+    let out = run_ok(
+        cachepush()
+            .args(["token", "issue", "--token-key"])
+            .arg(tk)
+            .args(["--scope", scope, "--prefix", prefix, "--expires", expires]),
+    );
+    let t = stdout(&out);
+    assert!(t.starts_with("cpt1.") && !t.contains('\n'), "{t}");
+    t
+}
+
+fn bearer_status(gw: &Gateway, token: &str) -> u16 {
+    let auth = format!("Bearer {token}");
+    request(
+        gw.addr,
+        "GET",
+        "/nix-cache-info",
+        &[("Authorization", &auth)],
+    )
+    .status
+}
+
+/// Waits (up to 15 s: the gateway rereads its revocation list every 5 s) until `token`
+/// is refused.
+fn refused_within_seconds(gw: &Gateway, token: &str, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while bearer_status(gw, token) != 401 {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Scoped tokens: the real Nix pulls with one as its netrc password; a bearer token works
+/// too; a push token, a token for another cache, an expired, altered or foreign-key token
+/// are refused with 401, as is a revoked one once the revocation list says so, and every
+/// token while that list cannot be read. No token appears in the gateway's log.
+#[test]
+fn scoped_tokens_pull_until_they_expire_or_are_revoked_and_only_their_scope_and_cache() {
+    let top = shared_top();
+    let s3 = S3::seaweedfs();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sk, pk) = keygen(tmp.path(), "gw-test-1");
+    let (tk, _) = keygen(tmp.path(), "tokens-1");
+    let (foreign, _) = keygen(tmp.path(), "tokens-1-forged");
+    let bucket = s3.new_bucket("tokens");
+    run_ok(copy_cmd(&s3.url(&bucket, "team"), Some(&s3), Some(&sk), &["-q"]).arg(top));
+    let revoked = tmp.path().join("revoked");
+    std::fs::write(&revoked, "").unwrap();
+    let gw = Gateway::start(gateway_from(
+        &s3.url(&bucket, "team"),
+        Some(&s3),
+        &[
+            "--token-key",
+            tk.to_str().unwrap(),
+            "--token-revocations",
+            revoked.to_str().unwrap(),
+        ],
+    ));
+
+    let pull = issue_token(&tk, "pull", "team", "1d");
+    let push = issue_token(&tk, "push", "team", "1d");
+    let other = issue_token(&tk, "pull", "other", "1d");
+    let brief = issue_token(&tk, "pull", "team", "1s");
+    let forged = issue_token(&foreign, "pull", "team", "1d");
+
+    // The acceptance cases first: a bearer token, and the real Nix with it in netrc.
+    assert_eq!(bearer_status(&gw, &pull), 200);
+    let netrc_file = netrc(tmp.path(), "netrc", "ci", &pull);
+    let ok = nix_via(
+        &gw.url(),
+        &tmp.path().join("ok"),
+        top,
+        &pk,
+        Some(&netrc_file),
+    );
+    assert!(ok.status.success(), "{}\n{}", stderr_of(&ok), gw.log_text());
+    for p in closure_of(top) {
+        assert!(
+            tmp.path()
+                .join("ok")
+                .join(p.strip_prefix("/").unwrap())
+                .exists()
+        );
+    }
+
+    // Refusals: no credentials, a push token, another cache, another key, an altered one.
+    assert_eq!(get(gw.addr, "/nix-cache-info").status, 401);
+    assert_eq!(bearer_status(&gw, &push), 401);
+    assert_eq!(bearer_status(&gw, &other), 401);
+    assert_eq!(bearer_status(&gw, &forged), 401);
+    let mut altered = pull.clone().into_bytes();
+    let i = altered.len() - 10;
+    altered[i] = if altered[i] == b'A' { b'B' } else { b'A' };
+    assert_eq!(
+        bearer_status(&gw, &String::from_utf8(altered).unwrap()),
+        401
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(bearer_status(&gw, &brief), 401, "an expired token");
+
+    // Revoked by its token (read from a file, never the command line): refused within
+    // seconds, by the bearer and by the real Nix; the list changes nothing for others.
+    let token_file = tmp.path().join("pull.token");
+    std::fs::write(&token_file, &pull).unwrap();
+    run_ok(
+        cachepush()
+            .args(["token", "revoke", "--revocations"])
+            .arg(&revoked)
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(["--reason", "left the team"]),
+    );
+    refused_within_seconds(&gw, &pull, "the revocation was never read");
+    let no = nix_via(
+        &gw.url(),
+        &tmp.path().join("no"),
+        top,
+        &pk,
+        Some(&netrc_file),
+    );
+    assert!(!no.status.success(), "a revoked token still pulls");
+    let fresh = issue_token(&tk, "pull", "team", "1d");
+    assert_eq!(bearer_status(&gw, &fresh), 200);
+    // The list unreadable: every scoped token is refused (fail closed).
+    std::fs::remove_file(&revoked).unwrap();
+    refused_within_seconds(&gw, &fresh, "a lost revocation list was not noticed");
+
+    let log = gw.log_text();
+    for t in [&pull, &push, &other, &brief, &forged, &fresh] {
+        let sig = t.rsplit_once('.').unwrap().1;
+        assert!(!log.contains(sig), "a token in the log: {log}");
+    }
+    assert!(log.contains("revoked token"), "{log}");
+    assert!(log.contains("expired token"), "{log}");
+}

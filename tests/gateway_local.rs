@@ -134,6 +134,7 @@ fn config(addr: SocketAddr, auth: Option<Auth>) -> GatewayConfig {
         signer: None,
         auth,
         auth_files: None,
+        scoped_tokens: None,
         tls: None,
         access_log: false,
         store_dir: "/nix/store".into(),

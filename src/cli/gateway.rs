@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cachepush::format::PublicKey;
 use cachepush::gateway::{
     self, CacheControl, Delivery, GatewayConfig, Listen, auth::Auth, sign::Countersigner,
+    token::Verifier,
 };
 use cachepush::storage::{OpenOptions, Storage, StorageError, open_target};
 use cachepush::target::TargetUrl;
@@ -73,6 +75,14 @@ pub struct GatewayArgs {
     /// Accept the bearer tokens in this file (one per line; also as a Basic password).
     #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_TOKENS")]
     tokens: Option<PathBuf>,
+    /// Accept scoped tokens (`cachepush token issue`) signed by this token key: its public
+    /// key file, or its secret key file. Never the cache's signing key.
+    #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_TOKEN_KEY")]
+    token_key: Option<PathBuf>,
+    /// Refuse scoped tokens whose ids this file lists (`cachepush token revoke`); reread
+    /// when it changes. While it cannot be read, every scoped token is refused.
+    #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_TOKEN_REVOCATIONS")]
+    token_revocations: Option<PathBuf>,
     /// Serve HTTPS with this certificate chain (PEM).
     #[arg(
         long,
@@ -174,6 +184,8 @@ struct FileConfig {
     sign_unverified: Option<bool>,
     htpasswd: Option<PathBuf>,
     tokens: Option<PathBuf>,
+    token_key: Option<PathBuf>,
+    token_revocations: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     store_dir: Option<String>,
@@ -191,6 +203,15 @@ struct FileConfig {
     region: Option<String>,
     profile: Option<String>,
     addressing_style: Option<String>,
+}
+
+/// The cache a gateway serves, as scoped tokens name it: the key prefix of an S3 URL (a
+/// directory is one cache: empty).
+fn target_prefix(t: &TargetUrl) -> &str {
+    match t {
+        TargetUrl::S3 { prefix, .. } => prefix,
+        TargetUrl::File { .. } => "",
+    }
 }
 
 /// Flags and variables first, then the file, then the default.
@@ -283,10 +304,37 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
     let tokens = pick(a.tokens.clone(), file.tokens.clone());
     let auth_files =
         (htpasswd.is_some() || tokens.is_some()).then(|| (htpasswd.clone(), tokens.clone()));
-    let auth = if htpasswd.is_some() || tokens.is_some() {
+    let revocations = pick(a.token_revocations.clone(), file.token_revocations.clone());
+    let scoped_tokens = match pick(a.token_key.clone(), file.token_key.clone()) {
+        Some(k) => {
+            let verifier = Verifier::new(
+                super::keys::read_verifying_key(&k, "--token-key")?,
+                target_prefix(&target),
+                revocations.as_deref(),
+            );
+            if revocations.is_some() && !verifier.refresh(true) {
+                return Err(Failure::input(format!(
+                    "--token-revocations {}: cannot be read (create it empty if no token is revoked yet)",
+                    revocations
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )));
+            }
+            Some(Arc::new(verifier))
+        }
+        None if revocations.is_some() => {
+            return Err(Failure::input(
+                "--token-revocations only applies with --token-key",
+            ));
+        }
+        None => None,
+    };
+    let auth = if htpasswd.is_some() || tokens.is_some() || scoped_tokens.is_some() {
         Some(
             Auth::load(htpasswd.as_deref(), tokens.as_deref())
-                .map_err(|e| Failure::input(e.to_string()))?,
+                .map_err(|e| Failure::input(e.to_string()))?
+                .with_scoped(scoped_tokens.clone()),
         )
     } else {
         None
@@ -345,6 +393,7 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
     let cfg = GatewayConfig {
         record_access,
         auth_files,
+        scoped_tokens,
         listen,
         delivery,
         presign_ttl,

@@ -51,6 +51,27 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey, Failure> {
     Ok(key)
 }
 
+/// A public key from a file holding either the public key (`NAME:BASE64`, as
+/// `cachepush pubkey` prints it) or the secret key it belongs to. `what` names the flag.
+pub fn read_verifying_key(
+    path: &Path,
+    what: &str,
+) -> Result<cachepush::format::PublicKey, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::input(format!("{what} {}: cannot read it: {e}", path.display())))?;
+    let text = zeroize::Zeroizing::new(text);
+    if let Ok(k) = cachepush::format::PublicKey::parse(text.trim()) {
+        return Ok(k);
+    }
+    let key = read_secret_key(path).map_err(|_| {
+        Failure::input(format!(
+            "{what} {}: neither a public nor a secret key (NAME:BASE64)",
+            path.display()
+        ))
+    })?;
+    Ok(key.public())
+}
+
 /// A secret key that others can read is as good as published: say so (once, on stderr).
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;

@@ -13,6 +13,7 @@ mod push;
 mod report;
 mod s3args;
 mod signal;
+mod token;
 mod verify;
 mod watch;
 
@@ -63,6 +64,8 @@ enum Command {
     Pin(gc::PinArgs),
     /// What the cache holds, by age, pin and compression, and what gc would free.
     Stats(Box<gc::StatsArgs>),
+    /// Scoped tokens for the gateway: issue, revoke, show (docs/security.md).
+    Token(token::TokenArgs),
     /// Print shell completions: bash, zsh, fish, elvish or powershell.
     Completions {
         #[arg(value_enum)]
@@ -124,6 +127,7 @@ pub fn main() -> ExitCode {
         Command::Gc(a) => gc::run_gc(*a),
         Command::Pin(a) => gc::run_pin(a),
         Command::Stats(a) => gc::run_stats(*a),
+        Command::Token(a) => token::run(a),
     };
     match result {
         Ok(code) => code,

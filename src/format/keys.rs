@@ -246,6 +246,20 @@ impl Signature {
     }
 }
 
+impl Signature {
+    /// A signature made by the key named `key_name` (the name is not checked here).
+    pub fn from_bytes(key_name: &str, bytes: [u8; 64]) -> Self {
+        Signature {
+            key_name: key_name.to_owned(),
+            bytes,
+        }
+    }
+
+    pub fn to_bytes(&self) -> [u8; 64] {
+        self.bytes
+    }
+}
+
 impl fmt::Display for Signature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.key_name, B64.encode(self.bytes))

@@ -6,7 +6,9 @@
 //! later requests cost one hash and a map lookup. Only successes are remembered.
 //!
 //! A token may also be given as the password of Basic auth (any user name), so that Nix
-//! clients, which can only send Basic from netrc, can use tokens too.
+//! clients, which can only send Basic from netrc, can use tokens too. Scoped tokens
+//! (`cpt1.`..., [`super::token`]) are checked by signature, scope, cache and expiry
+//! instead of by a list; here a request needs the `pull` scope.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +19,8 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use thiserror::Error;
+
+use super::token::{self, Refusal, Scope, Verifier};
 
 /// Credentials longer than this are refused without looking at them.
 const MAX_CREDENTIAL_LEN: usize = 4096;
@@ -60,6 +64,8 @@ pub struct Auth {
     /// as long as a wrong password.
     dummy: String,
     pub realm: String,
+    /// Checks scoped tokens, when a token key is configured (shared across reloads).
+    scoped: Option<std::sync::Arc<Verifier>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -174,7 +180,22 @@ impl Auth {
             verified: Mutex::new(HashMap::new()),
             dummy,
             realm: "cachepush".into(),
+            scoped: None,
         }
+    }
+
+    /// Also accepts scoped tokens that `verifier` admits for pulling.
+    pub fn with_scoped(mut self, verifier: Option<std::sync::Arc<Verifier>>) -> Self {
+        self.scoped = verifier;
+        self
+    }
+
+    /// The verdict on a scoped token, when this is one and scoped tokens are on.
+    fn scoped_token(&self, candidate: &[u8]) -> Option<Result<(), Refusal>> {
+        let v = self.scoped.as_ref()?;
+        let t = std::str::from_utf8(candidate).ok()?;
+        t.starts_with(token::PREFIX)
+            .then(|| v.verify(t, Scope::Pull).map(|_| ()))
     }
 
     fn is_token(&self, candidate: &[u8]) -> bool {
@@ -239,7 +260,10 @@ impl Auth {
         };
         let (scheme, value) = h.trim().split_once(' ').unwrap_or((h, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
-            return "unknown token".into();
+            return match self.scoped_token(value.trim().as_bytes()) {
+                Some(Err(why)) => why.to_string(),
+                _ => "unknown token".into(),
+            };
         }
         if !scheme.eq_ignore_ascii_case("basic") {
             return "an authentication scheme other than Basic or Bearer".into();
@@ -248,9 +272,12 @@ impl Auth {
             .decode(value.trim())
             .ok()
             .and_then(|d| String::from_utf8(d).ok());
-        let Some((user, _)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
+        let Some((user, pass)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
             return "malformed credentials".into();
         };
+        if let Some(Err(why)) = self.scoped_token(pass.as_bytes()) {
+            return why.to_string();
+        }
         let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
         if self.users.contains_key(user) {
             format!("wrong password for user {shown:?}")
@@ -275,6 +302,9 @@ impl Auth {
         let (scheme, value) = h.trim().split_once(' ').unwrap_or((h, ""));
         let value = value.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
+            if let Some(verdict) = self.scoped_token(value.as_bytes()) {
+                return Some(verdict.is_ok());
+            }
             return Some(!self.tokens.is_empty() && self.is_token(value.as_bytes()));
         }
         if !scheme.eq_ignore_ascii_case("basic") {
@@ -287,6 +317,9 @@ impl Auth {
             return Some(false);
         };
         let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
+        if let Some(verdict) = self.scoped_token(pass) {
+            return Some(verdict.is_ok());
+        }
         if !self.tokens.is_empty() && self.is_token(pass) {
             return Some(true);
         }

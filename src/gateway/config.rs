@@ -78,6 +78,8 @@ pub struct GatewayConfig {
     /// asked ([`super::serve_reloading`]: SIGHUP), so users can be added or removed without
     /// a restart.
     pub auth_files: Option<(Option<PathBuf>, Option<PathBuf>)>,
+    /// Checks scoped tokens (`--token-key`), kept across reloads of the files above.
+    pub scoped_tokens: Option<std::sync::Arc<super::token::Verifier>>,
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     pub access_log: bool,
     /// For the `nix-cache-info` served when the bucket has none.

@@ -76,7 +76,8 @@ impl<S: Storage> State<S> {
         let Some((htpasswd, tokens)) = &self.cfg.auth_files else {
             return Ok(None);
         };
-        let fresh = Auth::load(htpasswd.as_deref(), tokens.as_deref())?;
+        let fresh = Auth::load(htpasswd.as_deref(), tokens.as_deref())?
+            .with_scoped(self.cfg.scoped_tokens.clone());
         let entries = fresh.entries();
         if let Ok(mut a) = self.auth.write() {
             *a = Some(Arc::new(fresh));

@@ -34,6 +34,7 @@ pub mod route;
 pub mod server;
 pub mod sign;
 pub mod tls;
+pub mod token;
 
 pub use config::{CacheControl, Delivery, GatewayConfig, GatewayError, Listen};
 pub use response::Body;

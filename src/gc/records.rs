@@ -34,15 +34,7 @@ pub const CLOCK_SKEW: i64 = 30;
 /// The largest record or marker read back, so that a huge object there costs no memory.
 const RECORD_LIMIT: u64 = 64 << 20;
 
-pub use crate::host::{host_name, now, process_alive};
-
-/// A short random id, unique enough to name a record.
-pub fn random_id() -> String {
-    let mut b = [0u8; 8];
-    // Without the OS's randomness the id is only less unique: the time and pid follow it.
-    let _ = getrandom::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+pub use crate::host::{host_name, now, process_alive, random_id};
 
 /// A push's record and lease.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
