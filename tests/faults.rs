@@ -18,8 +18,15 @@ fn json(o: &Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("no JSON on stdout ({e}): {}", stderr_of(o)))
 }
 
-/// A push through `endpoint` (the proxy, or the server itself).
-fn push(s3: &S3, endpoint: &str, bucket: &str, sk: &Path, extra: &[&str], path: &Path) -> Output {
+/// The command of a push through `endpoint` (the proxy, or the server itself).
+fn push_cmd(
+    s3: &S3,
+    endpoint: &str,
+    bucket: &str,
+    sk: &Path,
+    extra: &[&str],
+    path: &Path,
+) -> Command {
     let mut c = cachepush();
     s3.creds(&mut c);
     c.arg("copy")
@@ -31,7 +38,13 @@ fn push(s3: &S3, endpoint: &str, bucket: &str, sk: &Path, extra: &[&str], path: 
         .arg(sk)
         .arg("--json")
         .args(extra)
-        .arg(path)
+        .arg(path);
+    c
+}
+
+/// A push through `endpoint` (the proxy, or the server itself).
+fn push(s3: &S3, endpoint: &str, bucket: &str, sk: &Path, extra: &[&str], path: &Path) -> Output {
+    push_cmd(s3, endpoint, bucket, sk, extra, path)
         .output()
         .unwrap()
 }
@@ -1529,19 +1542,8 @@ fn push_killed_after_parts(
         times: usize::MAX,
         fault: Fault::StallThenDrop(Duration::from_secs(60)),
     });
-    let mut c = cachepush();
-    s3.creds(&mut c);
-    let mut child = c
+    let mut child = push_cmd(s3, &proxy.endpoint(), bucket, sk, RESUMABLE, top)
         .env("XDG_CACHE_HOME", cache_home)
-        .arg("copy")
-        .arg("--to")
-        .arg(s3.url(bucket, ""))
-        .arg("--endpoint")
-        .arg(proxy.endpoint())
-        .arg("--signing-key")
-        .arg(sk)
-        .args(["--part-size", "5", "--compression", "none"])
-        .arg(top)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1558,20 +1560,13 @@ fn push_killed_after_parts(
     proxy.clear();
 }
 
+/// The push that the resume test kills and runs again: small parts, no compression.
+const RESUMABLE: &[&str] = &["--part-size", "5", "--compression", "none"];
+
 /// The re-run of a killed push: the same command, with the same journal directory.
 fn resume(s3: &S3, proxy: &FaultProxy, bucket: &str, sk: &Path, home: &Path, top: &Path) -> Output {
-    let mut c = cachepush();
-    s3.creds(&mut c);
-    c.env("XDG_CACHE_HOME", home)
-        .arg("copy")
-        .arg("--to")
-        .arg(s3.url(bucket, ""))
-        .arg("--endpoint")
-        .arg(proxy.endpoint())
-        .arg("--signing-key")
-        .arg(sk)
-        .args(["--part-size", "5", "--compression", "none", "--json"])
-        .arg(top)
+    push_cmd(s3, &proxy.endpoint(), bucket, sk, RESUMABLE, top)
+        .env("XDG_CACHE_HOME", home)
         .output()
         .unwrap()
 }

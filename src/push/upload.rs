@@ -26,14 +26,15 @@ const NAR_BUDGET: u64 = 96 << 20;
 /// rarely larger, plus slack); a large one holds at most a part being filled (16 MiB by
 /// default) and its channel.
 fn weight(nar_size: u64) -> u64 {
-    (nar_size + (64 << 10)).min(16 << 20)
-        + if nar_size >= 16 << 20 {
+    (nar_size + (64 << 10)).min(SMALL)
+        + if nar_size >= SMALL {
             (CHANNEL_DEPTH * CHUNK) as u64
         } else {
             0
         }
 }
-/// NARs below this are compressed under a CPU slot (see `execute`).
+/// Below this (the default part size) a NAR is buffered whole and compressed under a CPU
+/// slot (see `execute`); from it on it streams in parts.
 const SMALL: u64 = 16 << 20;
 
 #[derive(Clone, Debug)]
@@ -148,9 +149,8 @@ pub async fn execute<S: Storage>(
     let mut ready: Vec<Box<NarInfo>> = Vec::new();
     let mut staged_narinfo: HashMap<StorePath, Box<NarInfo>> = HashMap::new();
     let mut failed: HashSet<StorePath> = HashSet::new();
-    let mut task_path: HashMap<tokio::task::Id, StorePath> = HashMap::new();
-    // Bytes held by the NARs in flight, by task.
-    let mut held: HashMap<tokio::task::Id, u64> = HashMap::new();
+    // Each task's path, and the bytes of [`NAR_BUDGET`] it holds (0 for a narinfo).
+    let mut task_path: HashMap<tokio::task::Id, (StorePath, u64)> = HashMap::new();
     let mut holding: u64 = 0;
     // Compressing a small NAR is pure CPU (its upload starts when it is done), so however
     // many are in flight for the network, only a few compress at once: more would only
@@ -192,8 +192,7 @@ pub async fn execute<S: Storage>(
                 let res = upload_nar(&*storage, &dir, real, info, &opts, slot).await;
                 Done::Nar(path, res.map(Box::new))
             });
-            task_path.insert(handle.id(), p);
-            held.insert(handle.id(), w);
+            task_path.insert(handle.id(), (p, w));
             holding += w;
         }
         while narinfos.len() < jobs {
@@ -208,7 +207,7 @@ pub async fn execute<S: Storage>(
                     .map_err(PathError::from);
                 Done::NarInfo(ni.store_path, res)
             });
-            task_path.insert(handle.id(), p);
+            task_path.insert(handle.id(), (p, 0));
         }
 
         let next = tokio::select! {
@@ -220,14 +219,12 @@ pub async fn execute<S: Storage>(
             Ok((id, _)) => *id,
             Err(e) => e.id(),
         };
-        holding -= held.remove(&id).unwrap_or(0);
+        let task = task_path.remove(&id);
+        holding -= task.as_ref().map_or(0, |t| t.1);
         let done = match next {
-            Ok((id, d)) => {
-                task_path.remove(&id);
-                d
-            }
+            Ok((_, d)) => d,
             // A task that panicked still fails only its own path, found by its task id.
-            Err(e) => match task_path.remove(&e.id()) {
+            Err(e) => match task.map(|t| t.0) {
                 Some(p) => Done::Nar(p, Err(PathError::Internal(e.to_string()))),
                 None => continue,
             },

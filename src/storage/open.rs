@@ -259,14 +259,6 @@ impl AnyStorage {
             AnyStorage::S3(b) => b.concurrency_ceiling(),
         }
     }
-
-    /// The highest limit the pace reached and how often throttling cut it.
-    pub fn pace_peak(&self) -> Option<(usize, u64)> {
-        match self {
-            AnyStorage::Local(_) => None,
-            AnyStorage::S3(b) => b.pace_peak(),
-        }
-    }
 }
 
 /// The staged upload of either backend.

@@ -196,25 +196,9 @@ impl S3Bucket {
         }
     }
 
-    /// Who this client writes to, as journals of resumable uploads name it: the bucket,
-    /// prefix and endpoint.
-    fn describe_target(&self) -> String {
-        self.describe()
-    }
-
     /// The ceiling on small requests in flight when paced.
     pub fn concurrency_ceiling(&self) -> Option<usize> {
         self.inner.cfg.concurrency
-    }
-
-    /// The highest limit the pace reached and how often throttling cut it.
-    pub fn pace_peak(&self) -> Option<(usize, u64)> {
-        self.inner.pace.as_ref().map(|p| p.peak())
-    }
-
-    /// Whose defaults this client uses.
-    pub fn provider(&self) -> profile::Provider {
-        self.inner.cfg.provider
     }
 
     /// Part size for an object of about `size_hint` bytes: the configured size, grown so

@@ -162,7 +162,7 @@ impl Multipart {
     ) -> Result<Self, StorageError> {
         let mut journal = bucket.inner.cfg.journal.clone();
         if let Some(j) = journal.clone() {
-            let target = bucket.describe_target();
+            let target = bucket.describe();
             if let Some(e) = j.load(&target, key).filter(|e| {
                 // Another push of the same NAR is running (two CI jobs on one runner, a
                 // watch and a manual push): its upload is its own, and so is its journal.
@@ -188,21 +188,10 @@ impl Multipart {
                             ..e
                         };
                         j.save(&entry);
-                        if let Ok(mut open) = bucket.inner.open.lock() {
-                            open.insert(entry.upload_id.clone(), key.to_owned());
-                        }
-                        return Ok(Multipart {
-                            bucket: bucket.clone(),
-                            key: key.to_owned(),
-                            upload_id: entry.upload_id.clone(),
-                            next_part: 1,
-                            size: 0,
-                            in_flight: JoinSet::new(),
-                            done: Vec::new(),
-                            finished: false,
-                            journal: Some((j, Arc::new(Mutex::new(entry)))),
-                            resumable,
-                        });
+                        let mut mp = Self::open(bucket, key, entry.upload_id.clone());
+                        mp.journal = Some((j, Arc::new(Mutex::new(entry))));
+                        mp.resumable = resumable;
+                        return Ok(mp);
                     }
                     // Gone (completed, aborted by gc), unreadable, or cut differently: a
                     // fresh upload; the old one, if any, is left for gc.
@@ -213,7 +202,7 @@ impl Multipart {
         let mut mp = Self::create(bucket, key, ct).await?;
         if let Some(j) = journal {
             let entry = Entry {
-                target: mp.bucket.describe_target(),
+                target: mp.bucket.describe(),
                 key: key.to_owned(),
                 upload_id: mp.upload_id.clone(),
                 part_size,
@@ -251,11 +240,17 @@ impl Multipart {
                 transient: false,
             })?
             .to_owned();
-        if let Ok(mut open) = i.open.lock() {
+        Ok(Self::open(bucket, key, upload_id))
+    }
+
+    /// An upload the server has under `upload_id`, registered as open until it is
+    /// completed or aborted.
+    fn open(bucket: S3Bucket, key: &str, upload_id: String) -> Self {
+        if let Ok(mut open) = bucket.inner.open.lock() {
             open.insert(upload_id.clone(), key.to_owned());
         }
-        Ok(Multipart {
-            bucket: bucket.clone(),
+        Multipart {
+            bucket,
             key: key.to_owned(),
             upload_id,
             next_part: 1,
@@ -265,7 +260,7 @@ impl Multipart {
             finished: false,
             journal: None,
             resumable: HashMap::new(),
-        })
+        }
     }
 
     /// Forgets the journal: the upload is complete or aborted.
