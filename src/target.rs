@@ -11,7 +11,9 @@ use thiserror::Error;
 pub enum TargetError {
     #[error("cache URL {0:?} has no scheme; use file:///absolute/dir or s3://bucket")]
     NoScheme(String),
-    #[error("cache URL scheme {0:?} is not supported; use file:///absolute/dir or s3://bucket")]
+    #[error(
+        "cache URL scheme {0:?} is not supported; use file:///absolute/dir, s3://bucket, or https://GATEWAY to push through a gateway"
+    )]
     UnsupportedScheme(String),
     #[error("cache URL {0:?}: a file:// URL needs an absolute path, e.g. file:///var/cache/nix")]
     RelativeFile(String),
@@ -25,6 +27,15 @@ pub enum TargetError {
     NoBucket(String),
     #[error("cache URL {0:?}: malformed percent-encoding")]
     BadEncoding(String),
+    #[error(
+        "gateway URL {0:?} is not http(s)://HOST[:PORT][/PATH] (no user part: the token goes in --token-file or CACHEPUSH_TOKEN)"
+    )]
+    BadGateway(String),
+    /// A gateway URL where a cache is needed (verify, gc, serving).
+    #[error(
+        "{0:?} is a gateway, which only takes pushes; give the s3:// URL of the bucket behind it"
+    )]
+    GatewayNotCache(String),
 }
 
 /// A parsed cache URL.
@@ -39,7 +50,15 @@ pub enum TargetUrl {
         prefix: String,
         params: BTreeMap<String, String>,
     },
+    /// A `cachepush gateway` that takes pushes: `http(s)://HOST[:PORT][/PATH]`.
+    Gateway {
+        /// The URL without its query and without a trailing `/`.
+        base: String,
+        params: BTreeMap<String, String>,
+    },
 }
+
+const GATEWAY_PARAMS: &str = "compression";
 
 const FILE_PARAMS: &str = "compression, secret-key, write-nar-listing, priority, want-mass-query";
 // `multipart-upload` and `parallel-compression` are Nix's; cachepush always does both,
@@ -77,15 +96,40 @@ impl TargetUrl {
                     params,
                 })
             }
+            "http" | "https" => {
+                check_params(url, &params, GATEWAY_PARAMS)?;
+                let host = path.split('/').next().unwrap_or_default();
+                if host.is_empty() || host.contains('@') || path.contains('#') {
+                    return Err(TargetError::BadGateway(url.to_owned()));
+                }
+                Ok(TargetUrl::Gateway {
+                    base: format!("{scheme}://{}", path.trim_end_matches('/')),
+                    params,
+                })
+            }
             other => Err(TargetError::UnsupportedScheme(other.to_owned())),
         }
     }
 
+    /// As [`parse`](Self::parse), for commands that need the cache itself (verify, gc,
+    /// serving): a gateway URL is refused.
+    pub fn parse_cache(url: &str) -> Result<Self, TargetError> {
+        match Self::parse(url)? {
+            TargetUrl::Gateway { base, .. } => Err(TargetError::GatewayNotCache(base)),
+            t => Ok(t),
+        }
+    }
+
+    /// Whether this names a gateway (which only takes pushes) rather than a cache.
+    pub fn is_gateway(&self) -> bool {
+        matches!(self, TargetUrl::Gateway { .. })
+    }
+
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            TargetUrl::File { params, .. } | TargetUrl::S3 { params, .. } => {
-                params.get(name).map(String::as_str)
-            }
+            TargetUrl::File { params, .. }
+            | TargetUrl::S3 { params, .. }
+            | TargetUrl::Gateway { params, .. } => params.get(name).map(String::as_str),
         }
     }
 }

@@ -203,13 +203,41 @@ async fn check_one<S: Storage>(
 /// Downloads the NAR, checks FileHash/FileSize on the bytes and NarHash/NarSize after
 /// decompression, streaming: memory does not grow with the NAR.
 async fn check_nar<S: Storage>(storage: &S, ni: &NarInfo) -> Result<Vec<String>, StorageError> {
+    // A missing NAR is already reported as missing.
+    Ok(check_nar_at(storage, &ni.url, ni, true).await?.problems)
+}
+
+/// What reading one NAR object found.
+#[derive(Debug, Default)]
+pub struct NarCheck {
+    /// Each way the object differs from the narinfo; empty when it matches.
+    pub problems: Vec<String>,
+    pub found: bool,
+    /// The tag of the bytes that were checked (the S3 ETag).
+    pub etag: Option<String>,
+    pub file_size: u64,
+}
+
+/// Reads the object at `key` and checks it against `ni`: FileHash and FileSize on its
+/// bytes, and with `decompress` also NarHash and NarSize after decompressing, streaming
+/// (memory does not grow with the NAR). For verify, and for the gateway's push API.
+pub async fn check_nar_at<S: Storage>(
+    storage: &S,
+    key: &str,
+    ni: &NarInfo,
+    decompress: bool,
+) -> Result<NarCheck, StorageError> {
     let mut problems = Vec::new();
-    let Some(mut body) = storage.read(&ni.url).await? else {
-        return Ok(problems); // already reported as missing
+    let stream = match storage.read_range(key, None).await? {
+        crate::storage::StreamOutcome::Found(s) => s,
+        _ => return Ok(NarCheck::default()),
     };
+    let etag = stream.etag.clone();
+    let mut body = stream.body;
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let compression = ni.compression.clone();
-    let decoder = tokio::task::spawn_blocking(move || decompress_and_hash(&compression, rx));
+    let decoder = decompress
+        .then(|| tokio::task::spawn_blocking(move || decompress_and_hash(&compression, rx)));
     let mut file_hash = sha2::Sha256::new();
     let mut file_size = 0u64;
     let mut read_error = None;
@@ -218,7 +246,7 @@ async fn check_nar<S: Storage>(storage: &S, ni: &NarInfo) -> Result<Vec<String>,
             Ok(c) => {
                 file_hash.update(&c);
                 file_size += c.len() as u64;
-                if tx.send(c).await.is_err() {
+                if decoder.is_some() && tx.send(c).await.is_err() {
                     break; // the decoder stopped: it says why
                 }
             }
@@ -229,9 +257,15 @@ async fn check_nar<S: Storage>(storage: &S, ni: &NarInfo) -> Result<Vec<String>,
         }
     }
     drop(tx);
+    let done = |problems| NarCheck {
+        problems,
+        found: true,
+        etag,
+        file_size,
+    };
     if let Some(e) = read_error {
         problems.push(format!("reading {}: {e}", ni.url));
-        return Ok(problems);
+        return Ok(done(problems));
     }
     let file_hash = Sha256::from_bytes(file_hash.finalize().into());
     if ni.file_hash.is_some_and(|h| h != file_hash) || ni.file_size.is_some_and(|s| s != file_size)
@@ -241,6 +275,9 @@ async fn check_nar<S: Storage>(storage: &S, ni: &NarInfo) -> Result<Vec<String>,
             ni.url
         ));
     }
+    let Some(decoder) = decoder else {
+        return Ok(done(problems));
+    };
     match decoder.await {
         Ok(Ok((nar_hash, nar_size))) => {
             if nar_hash != ni.nar_hash || nar_size != ni.nar_size {
@@ -253,7 +290,7 @@ async fn check_nar<S: Storage>(storage: &S, ni: &NarInfo) -> Result<Vec<String>,
         Ok(Err(e)) => problems.push(format!("{} does not decompress: {e}", ni.url)),
         Err(e) => problems.push(format!("{}: decoder failed: {e}", ni.url)),
     }
-    Ok(problems)
+    Ok(done(problems))
 }
 
 /// A `Read` over chunks arriving on a channel.

@@ -24,10 +24,6 @@ fn gateway(s3: &S3, bucket: &str, extra: &[&str]) -> Gateway {
     Gateway::start(gateway_cmd(s3, bucket, extra))
 }
 
-fn hash_of(path: &Path) -> String {
-    path.file_name().unwrap().to_str().unwrap()[..32].to_owned()
-}
-
 /// top's narinfo in `bucket` with its NarHash swapped for dep's: a consistent-looking
 /// narinfo that top's signature no longer covers. Returns (key, tampered text).
 fn tampered_narinfo(s3: &S3, bucket: &str, top: &Path, dep: &Path) -> (String, String) {
@@ -1512,19 +1508,6 @@ fn etags_revalidate_without_the_bucket_and_realisations_are_served() {
     );
     assert_eq!(get(gw.addr, &format!("/{dbg}")).status, 200);
     assert_eq!(get(gw.addr, "/realisations/sha256:zz!out.doi").status, 400);
-}
-
-/// `cachepush token issue`: the token on stdout (nothing else there).
-fn issue_token(tk: &Path, scope: &str, prefix: &str, expires: &str) -> String {
-    let out = run_ok(
-        cachepush()
-            .args(["token", "issue", "--token-key"])
-            .arg(tk)
-            .args(["--scope", scope, "--prefix", prefix, "--expires", expires]),
-    );
-    let t = stdout(&out);
-    assert!(t.starts_with("cpt1.") && !t.contains('\n'), "{t}");
-    t
 }
 
 fn bearer_status(gw: &Gateway, token: &str) -> u16 {

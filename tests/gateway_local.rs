@@ -135,6 +135,7 @@ fn config(addr: SocketAddr, auth: Option<Auth>) -> GatewayConfig {
         auth,
         auth_files: None,
         scoped_tokens: None,
+        push: None,
         tls: None,
         access_log: false,
         store_dir: "/nix/store".into(),

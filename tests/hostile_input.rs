@@ -362,6 +362,10 @@ fn fuzz_store_paths_and_cache_urls() {
                     assert!(!bucket.is_empty() && !bucket.contains('/'), "{t}");
                     assert!(!prefix.starts_with('/') && !prefix.ends_with('/'), "{t}");
                 }
+                TargetUrl::Gateway { base, .. } => {
+                    assert!(base.starts_with("http") && !base.ends_with('/'), "{t}");
+                    assert!(!base.contains('@') && !base.contains('?'), "{t}");
+                }
             }
             assert_eq!(TargetUrl::parse(t).ok(), Some(u), "{t}");
         }

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use super::Failure;
 use super::keys::read_secret_key;
 use super::s3args::S3Args;
+use cachepush::gateway::oidc::{ClaimRule, OidcConfig, OidcVerifier};
 
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
@@ -83,6 +84,41 @@ pub struct GatewayArgs {
     /// when it changes. While it cannot be read, every scoped token is refused.
     #[arg(long, value_name = "FILE", env = "CACHEPUSH_GATEWAY_TOKEN_REVOCATIONS")]
     token_revocations: Option<PathBuf>,
+    /// Let CI jobs push with identity tokens from this OIDC issuer (e.g.
+    /// https://token.actions.githubusercontent.com); repeatable. Needs --signing-key,
+    /// --push-oidc-audience and at least one --push-claim.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CACHEPUSH_GATEWAY_PUSH_OIDC_ISSUER",
+        value_delimiter = ' '
+    )]
+    push_oidc_issuer: Vec<String>,
+    /// The audience identity tokens must be minted for (the pushers' --audience).
+    #[arg(long, value_name = "AUD", env = "CACHEPUSH_GATEWAY_PUSH_OIDC_AUDIENCE")]
+    push_oidc_audience: Option<String>,
+    /// NAME=GLOB: a claim every identity token must match to push (e.g.
+    /// repository=my-org/*, ref=refs/heads/main); repeatable, all must match.
+    #[arg(long, value_name = "NAME=GLOB")]
+    push_claim: Vec<String>,
+    /// Tokens that fail the --push-claim rules but match every --push-quarantine-claim
+    /// push into this prefix of the bucket instead: a separate, unsigned cache (fork pull
+    /// requests).
+    #[arg(long, value_name = "PREFIX")]
+    push_quarantine_prefix: Option<String>,
+    /// NAME=GLOB: what a token must match to push into the quarantine; repeatable.
+    #[arg(long, value_name = "NAME=GLOB")]
+    push_quarantine_claim: Vec<String>,
+    /// Allow an http:// OIDC issuer on a loopback address (tests only).
+    #[arg(long)]
+    push_oidc_insecure_http: bool,
+    /// Publish pushed NARs after checking their size and FileHash only, without
+    /// decompressing them to check NarHash (faster; trusts the pusher's NarHash).
+    #[arg(long)]
+    trust_pushers: bool,
+    /// Lifetime of upload URLs handed to pushers, in seconds [default: 900].
+    #[arg(long, value_name = "SECS")]
+    push_grant_ttl: Option<u64>,
     /// Serve HTTPS with this certificate chain (PEM).
     #[arg(
         long,
@@ -186,6 +222,14 @@ struct FileConfig {
     tokens: Option<PathBuf>,
     token_key: Option<PathBuf>,
     token_revocations: Option<PathBuf>,
+    push_oidc_issuer: Option<OneOrMany>,
+    push_oidc_audience: Option<String>,
+    push_claim: Option<OneOrMany>,
+    push_quarantine_prefix: Option<String>,
+    push_quarantine_claim: Option<OneOrMany>,
+    push_oidc_insecure_http: Option<bool>,
+    trust_pushers: Option<bool>,
+    push_grant_ttl: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     store_dir: Option<String>,
@@ -210,8 +254,80 @@ struct FileConfig {
 fn target_prefix(t: &TargetUrl) -> &str {
     match t {
         TargetUrl::S3 { prefix, .. } => prefix,
-        TargetUrl::File { .. } => "",
+        TargetUrl::File { .. } | TargetUrl::Gateway { .. } => "",
     }
+}
+
+/// The push API's settings from the flags and the file.
+fn push_config(
+    a: &GatewayArgs,
+    file: &mut FileConfig,
+    issuers: Vec<String>,
+    key: cachepush::format::SecretKey,
+) -> Result<gateway::push::PushConfig, Failure> {
+    let list = |flag: &Vec<String>, f: Option<OneOrMany>| {
+        if flag.is_empty() {
+            f.map(OneOrMany::into_vec).unwrap_or_default()
+        } else {
+            flag.clone()
+        }
+    };
+    let rules = |texts: Vec<String>| {
+        texts
+            .iter()
+            .map(|t| ClaimRule::parse(t).map_err(Failure::input))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let quarantine_prefix = pick(
+        a.push_quarantine_prefix.clone(),
+        file.push_quarantine_prefix.clone(),
+    )
+    .map(|p| p.trim_matches('/').to_owned());
+    if let Some(q) = &quarantine_prefix
+        && (q.is_empty() || q.split('/').any(|s| s.is_empty() || s == "." || s == ".."))
+    {
+        return Err(Failure::input(format!(
+            "--push-quarantine-prefix {q:?} is not a key prefix (e.g. quarantine)"
+        )));
+    }
+    let oidc_cfg = OidcConfig {
+        issuers,
+        audience: pick(
+            a.push_oidc_audience.clone(),
+            file.push_oidc_audience.clone(),
+        )
+        .unwrap_or_default(),
+        claims: rules(list(&a.push_claim, file.push_claim.take()))?,
+        quarantine_prefix: quarantine_prefix.clone(),
+        quarantine_claims: rules(list(
+            &a.push_quarantine_claim,
+            file.push_quarantine_claim.take(),
+        ))?,
+        insecure_http: a.push_oidc_insecure_http || file.push_oidc_insecure_http.unwrap_or(false),
+    };
+    let oidc = if oidc_cfg.issuers.is_empty() {
+        if quarantine_prefix.is_some() {
+            return Err(Failure::input(
+                "--push-quarantine-prefix applies to identity tokens: it needs --push-oidc-issuer",
+            ));
+        }
+        None
+    } else {
+        Some(OidcVerifier::new(oidc_cfg).map_err(Failure::input)?)
+    };
+    let ttl = pick(a.push_grant_ttl, file.push_grant_ttl).unwrap_or(900);
+    if !(1..=7 * 24 * 3600).contains(&ttl) {
+        return Err(Failure::input(
+            "--push-grant-ttl must be between 1 second and 7 days (S3's limit)",
+        ));
+    }
+    Ok(gateway::push::PushConfig {
+        key,
+        oidc,
+        trust_pushers: a.trust_pushers || file.trust_pushers.unwrap_or(false),
+        grant_ttl: Duration::from_secs(ttl),
+        quarantine_prefix,
+    })
 }
 
 /// Flags and variables first, then the file, then the default.
@@ -228,7 +344,7 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         Failure::input("no cache to serve")
             .hint("pass --from s3://BUCKET?endpoint=... or --from file:///DIR (or `from` in the --config file)")
     })?;
-    let target = TargetUrl::parse(&from).map_err(|e| Failure::input(e.to_string()))?;
+    let target = TargetUrl::parse_cache(&from).map_err(|e| Failure::input(e.to_string()))?;
     let s3 = S3Args {
         endpoint: pick(a.s3.endpoint.clone(), file.endpoint.clone()),
         region: pick(a.s3.region.clone(), file.region.clone()),
@@ -281,9 +397,47 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let sign_unverified = a.sign_unverified || file.sign_unverified.unwrap_or(false);
-    let signer = match pick(a.signing_key.clone(), file.signing_key.clone()) {
+    let push_issuers = if a.push_oidc_issuer.is_empty() {
+        file.push_oidc_issuer
+            .take()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+    } else {
+        a.push_oidc_issuer.clone()
+    };
+    let token_key = pick(a.token_key.clone(), file.token_key.clone());
+    let signing_key = pick(a.signing_key.clone(), file.signing_key.clone());
+    // Pushing is on with a signing key and a way to push (identity tokens, push-scope
+    // tokens); a pushing gateway vouches for what it signed itself without a policy.
+    let pushing = signing_key.is_some() && (!push_issuers.is_empty() || token_key.is_some());
+    let push = if pushing {
+        let key_file = signing_key.clone().unwrap_or_default();
+        Some(push_config(
+            &a,
+            &mut file,
+            push_issuers.clone(),
+            read_secret_key(&key_file)?,
+        )?)
+    } else if !push_issuers.is_empty() {
+        return Err(Failure::input(
+            "--push-oidc-issuer needs --signing-key: the gateway signs what is pushed through it",
+        ));
+    } else {
+        None
+    };
+    if push.is_some() && matches!(target, TargetUrl::File { .. }) {
+        return Err(Failure::input(
+            "pushing through the gateway needs an s3:// bucket behind it (pushers upload to presigned URLs)",
+        ));
+    }
+    let signer = match signing_key {
         Some(p) => {
             let key = read_secret_key(&p)?;
+            let require_by = if pushing && require_by.is_empty() && !sign_unverified {
+                vec![key.public()]
+            } else {
+                require_by
+            };
             let signer = Countersigner::new(key, require_by, sign_unverified)
                 .map_err(|e| Failure::input(e.to_string()))?;
             if sign_unverified {
@@ -305,7 +459,7 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
     let auth_files =
         (htpasswd.is_some() || tokens.is_some()).then(|| (htpasswd.clone(), tokens.clone()));
     let revocations = pick(a.token_revocations.clone(), file.token_revocations.clone());
-    let scoped_tokens = match pick(a.token_key.clone(), file.token_key.clone()) {
+    let scoped_tokens = match token_key {
         Some(k) => {
             let verifier = Verifier::new(
                 super::keys::read_verifying_key(&k, "--token-key")?,
@@ -394,6 +548,7 @@ pub fn run(a: GatewayArgs) -> Result<ExitCode, Failure> {
         record_access,
         auth_files,
         scoped_tokens,
+        push,
         listen,
         delivery,
         presign_ttl,

@@ -144,7 +144,7 @@ pub fn parse_duration(s: &str) -> Result<i64, String> {
 /// Opens an existing cache (never creates one) and refuses a place with no
 /// `nix-cache-info`: gc pointed at the wrong bucket or prefix must delete nothing.
 async fn open_cache(url: &str, s3: &S3Args) -> Result<AnyStorage, Failure> {
-    let target = TargetUrl::parse(url).map_err(|e| Failure::input(e.to_string()))?;
+    let target = TargetUrl::parse_cache(url).map_err(|e| Failure::input(e.to_string()))?;
     let opts = OpenOptions {
         given: s3.settings(),
         read_only: true,

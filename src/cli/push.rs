@@ -163,6 +163,15 @@ pub struct Settings {
     #[arg(long, value_name = "BOOL", env = "CACHEPUSH_WANT_MASS_QUERY",
           value_parser = clap::builder::BoolishValueParser::new())]
     want_mass_query: Option<bool>,
+    /// Pushing through a gateway (`--to https://GATEWAY`): a file holding the token (a
+    /// push-scope `cachepush token`, or a CI identity token). Else CACHEPUSH_TOKEN, else on
+    /// GitHub Actions the job's own identity token.
+    #[arg(long, value_name = "FILE", env = "CACHEPUSH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The audience of the identity token asked of GitHub Actions: the gateway's
+    /// --push-oidc-audience [default: cachepush].
+    #[arg(long, value_name = "AUD", env = "CACHEPUSH_AUDIENCE")]
+    audience: Option<String>,
     /// More output (each path as it is published).
     #[arg(short, long, conflicts_with = "quiet")]
     verbose: bool,
@@ -391,7 +400,26 @@ impl Pusher {
         if settings.skip_if_no_credentials && present_but_empty("CACHEPUSH_SIGNING_KEY") {
             return skip(&out, "CACHEPUSH_SIGNING_KEY is empty");
         }
-        let key = signing_key(settings, &target, file)?;
+        let gateway = cachepush::storage::gateway::GatewayOptions {
+            token_file: settings.token_file.clone(),
+            audience: settings.audience.clone(),
+        };
+        // Through a gateway the gateway signs: the pusher holds no key (and none is read).
+        let key = if target.is_gateway() {
+            if settings.logs || settings.write_nar_listing || file.logs.unwrap_or(false) {
+                return Err(Failure::input(
+                    "--logs and --write-nar-listing are not available through a gateway",
+                ));
+            }
+            if settings.skip_if_no_credentials
+                && cachepush::storage::gateway::TokenSource::find(&gateway).is_err()
+            {
+                return skip(&out, "no push token is available");
+            }
+            None
+        } else {
+            signing_key(settings, &target, file)?
+        };
         // No `::add-mask::` for the key: a value from the runner's secrets is masked
         // already, and re-printing a secret anywhere is how it leaks (stdout captured into
         // a file or `$GITHUB_OUTPUT` is never seen by the runner).
@@ -432,6 +460,7 @@ impl Pusher {
             given,
             fallback: file.s3_settings(),
             read_only: false,
+            gateway,
         };
         let storage = cachepush::storage::open_target(&target, &opts).await?;
         // NAR uploads in flight: up to the ceiling of the adaptive limit, which then decides
@@ -441,7 +470,7 @@ impl Pusher {
         if settings.skip_if_no_credentials && !storage.has_credentials().await {
             return skip(&out, "no S3 credentials are available");
         }
-        if key.is_none() {
+        if key.is_none() && !target.is_gateway() {
             out.warn("no signing key given (--signing-key, CACHEPUSH_SIGNING_KEY_FILE, CACHEPUSH_SIGNING_KEY, or signing-key-file in cachepush.toml): narinfos will carry only the signatures the store already has, and Nix refuses unsigned paths unless require-sigs = false");
         }
         let session = Session::new(

@@ -45,7 +45,7 @@ pub struct VerifyArgs {
 }
 
 pub fn run(a: VerifyArgs) -> Result<ExitCode, Failure> {
-    let target = TargetUrl::parse(&a.url).map_err(|e| Failure::input(e.to_string()))?;
+    let target = TargetUrl::parse_cache(&a.url).map_err(|e| Failure::input(e.to_string()))?;
     let trusted = a
         .trusted_key
         .iter()

@@ -89,6 +89,13 @@ impl SmallCache {
         }
     }
 
+    /// Drops what is remembered for `key` (it was just written).
+    pub fn forget(&self, key: &str) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.map.remove(key);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().map(|i| i.map.len()).unwrap_or(0)
     }

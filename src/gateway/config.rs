@@ -80,6 +80,8 @@ pub struct GatewayConfig {
     pub auth_files: Option<(Option<PathBuf>, Option<PathBuf>)>,
     /// Checks scoped tokens (`--token-key`), kept across reloads of the files above.
     pub scoped_tokens: Option<std::sync::Arc<super::token::Verifier>>,
+    /// The push API (`--push-oidc-issuer`, or push-scope tokens), when it is on.
+    pub push: Option<super::push::PushConfig>,
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     pub access_log: bool,
     /// For the `nix-cache-info` served when the bucket has none.

@@ -41,6 +41,7 @@ pub struct State<S> {
     pub(super) metrics: Metrics,
     pub(super) public_key: Option<String>,
     pub(super) access: Option<super::access::AccessRecorder>,
+    pub(super) push: Option<super::push::Pushes>,
 }
 
 impl<S: Storage> State<S> {
@@ -62,6 +63,7 @@ impl<S: Storage> State<S> {
             metrics: Metrics::default(),
             public_key,
             access: cfg.record_access.map(super::access::AccessRecorder::new),
+            push: cfg.push.take().map(super::push::Pushes::new),
             cfg,
         }
     }

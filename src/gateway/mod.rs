@@ -29,6 +29,8 @@ pub mod limit;
 pub mod metrics;
 pub mod nar;
 pub mod narinfo;
+pub mod oidc;
+pub mod push;
 pub mod response;
 pub mod route;
 pub mod server;

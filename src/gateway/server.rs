@@ -111,8 +111,14 @@ async fn serve_request<S: Storage>(
 ) -> Result<Response<Body>, Infallible> {
     let guard = InFlight::start(&activity);
     let started = Instant::now();
-    let (mut resp, label) = state.handle(&req, peer.ip).await;
-    if req.method() == Method::HEAD {
+    let method = req.method().clone();
+    let path: String = req.uri().path().chars().take(200).collect();
+    let (mut resp, label) = if super::push::is_push(&path) {
+        state.push(req, peer.ip).await
+    } else {
+        state.handle(&req, peer.ip).await
+    };
+    if method == Method::HEAD {
         // Same headers as GET, no body. HTTP/1 drops a HEAD body by itself; HTTP/2 would
         // send it as DATA frames, which clients treat as a protocol error.
         if let Some(n) = hyper::body::Body::size_hint(resp.body()).exact()
@@ -133,7 +139,7 @@ async fn serve_request<S: Storage>(
         .and_then(|v| v.parse::<u64>().ok())
         .or_else(|| hyper::body::Body::size_hint(resp.body()).exact())
         .unwrap_or(0);
-    if req.method() != Method::HEAD {
+    if method != Method::HEAD {
         state.metrics.bytes(len);
     }
     if state.cfg.access_log {
@@ -145,8 +151,8 @@ async fn serve_request<S: Storage>(
         log(&format!(
             "{} {} {} {status} {len} {:.1}ms{why}",
             peer.label,
-            req.method(),
-            req.uri().path().chars().take(200).collect::<String>(),
+            method,
+            path,
             started.elapsed().as_secs_f64() * 1000.0
         ));
     }

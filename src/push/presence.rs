@@ -39,6 +39,9 @@ pub async fn presence<S: Storage>(
     concurrency: usize,
     list: bool,
 ) -> Result<(Vec<bool>, Option<StorageError>), StorageError> {
+    if let Some(answers) = storage.exists_many(keys).await? {
+        return Ok((answers, None));
+    }
     let list = list && keys.len() >= LIST_MIN_KEYS;
     resolve(
         keys,

@@ -7,6 +7,7 @@
 //! - `stage` takes a stream of bytes and leaves nothing visible under `key` until
 //!   [`Staged::commit`]; [`Staged::abort`] (or dropping it) leaves nothing behind.
 
+pub mod gateway;
 pub mod local;
 pub mod open;
 pub mod s3;
@@ -182,6 +183,84 @@ pub trait Storage: Send + Sync + 'static {
         ttl: std::time::Duration,
     ) -> impl Future<Output = Result<Option<String>, StorageError>> + Send {
         let _ = (key, ttl);
+        async { Ok(None) }
+    }
+
+    /// A URL that lets its holder PUT exactly `key` for `ttl` without credentials (the
+    /// gateway's upload grants); `None` when the backend cannot make one.
+    fn presign_put(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<Option<String>, StorageError>> + Send {
+        let _ = (key, ttl);
+        async { Ok(None) }
+    }
+
+    /// Starts a multipart upload of `key` and presigns parts 1..=`parts` for `ttl`: the
+    /// upload id and one URL per part; `None` when the backend cannot.
+    fn presign_parts(
+        &self,
+        key: &str,
+        parts: u32,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = Result<Option<(String, Vec<String>)>, StorageError>> + Send {
+        let _ = (key, parts, ttl);
+        async { Ok(None) }
+    }
+
+    /// Completes an upload of [`presign_parts`](Self::presign_parts) with the ETags of
+    /// parts 1..=n, in order.
+    fn complete_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        etags: &[String],
+    ) -> impl Future<Output = Result<(), StorageError>> + Send {
+        let _ = (upload_id, etags);
+        let key = key.to_owned();
+        async move {
+            Err(StorageError::Unsupported {
+                op: "CompleteMultipartUpload",
+                key,
+                message: "this target has no presigned uploads".into(),
+            })
+        }
+    }
+
+    /// Aborts an upload of [`presign_parts`](Self::presign_parts); best effort.
+    fn cancel_parts(&self, key: &str, upload_id: &str) -> impl Future<Output = ()> + Send {
+        let _ = (key, upload_id);
+        async {}
+    }
+
+    /// Copies `from` to `to` inside the target, only while `from` has the tag `etag` (as
+    /// [`read_range`](Self::read_range) gave it), `size` bytes long.
+    fn copy_checked(
+        &self,
+        from: &str,
+        to: &str,
+        etag: &str,
+        size: u64,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send {
+        let _ = (from, etag, size);
+        let key = to.to_owned();
+        async move {
+            Err(StorageError::Unsupported {
+                op: "CopyObject",
+                key,
+                message: "this target cannot copy objects".into(),
+            })
+        }
+    }
+
+    /// Whether each of `keys` exists, asked all at once, for a backend that has such a
+    /// question (a gateway); `None` when it has not (the caller asks key by key).
+    fn exists_many(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Option<Vec<bool>>, StorageError>> + Send {
+        let _ = keys;
         async { Ok(None) }
     }
 

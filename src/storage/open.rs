@@ -9,6 +9,7 @@ use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+use super::gateway::{GatewayStaged, GatewayTarget, TokenSource};
 use super::local::LocalStaged;
 use super::s3::S3Staged;
 use super::s3::journal::Journal;
@@ -54,6 +55,8 @@ pub struct OpenOptions {
     pub fallback: S3Settings,
     /// Only read: a `file://` directory must exist already (a push creates it).
     pub read_only: bool,
+    /// The token of a push through a gateway (`http(s)://` URLs).
+    pub gateway: super::gateway::GatewayOptions,
 }
 
 #[derive(Debug, Error)]
@@ -214,6 +217,15 @@ pub async fn open_target(url: &TargetUrl, opts: &OpenOptions) -> Result<AnyStora
             .await
             .map(AnyStorage::S3)
             .map_err(OpenError::Storage),
+        TargetUrl::Gateway { base, .. } => {
+            if opts.read_only {
+                return Err(OpenError::Url(TargetError::GatewayNotCache(base.clone())));
+            }
+            let token = TokenSource::find(&opts.gateway).map_err(OpenError::Storage)?;
+            GatewayTarget::new(base, token)
+                .map(AnyStorage::Gateway)
+                .map_err(OpenError::Storage)
+        }
     }
 }
 
@@ -235,6 +247,7 @@ fn open_dir(dir: &Path, read_only: bool) -> Result<LocalDir, OpenError> {
 pub enum AnyStorage {
     Local(LocalDir),
     S3(S3Bucket),
+    Gateway(GatewayTarget),
 }
 
 impl AnyStorage {
@@ -242,7 +255,7 @@ impl AnyStorage {
     /// pull request, where CI secrets are empty, skip cleanly.
     pub async fn has_credentials(&self) -> bool {
         match self {
-            AnyStorage::Local(_) => true,
+            AnyStorage::Local(_) | AnyStorage::Gateway(_) => true,
             AnyStorage::S3(b) => b.has_credentials().await,
         }
     }
@@ -255,7 +268,7 @@ impl AnyStorage {
     /// The ceiling of the adaptive limit on requests in flight, when paced.
     pub fn concurrency_ceiling(&self) -> Option<usize> {
         match self {
-            AnyStorage::Local(_) => None,
+            AnyStorage::Local(_) | AnyStorage::Gateway(_) => None,
             AnyStorage::S3(b) => b.concurrency_ceiling(),
         }
     }
@@ -265,6 +278,7 @@ impl AnyStorage {
 pub enum AnyStaged {
     Local(LocalStaged),
     S3(S3Staged),
+    Gateway(GatewayStaged),
 }
 
 impl Staged for AnyStaged {
@@ -272,6 +286,7 @@ impl Staged for AnyStaged {
         match self {
             AnyStaged::Local(s) => s.commit().await,
             AnyStaged::S3(s) => s.commit().await,
+            AnyStaged::Gateway(s) => s.commit().await,
         }
     }
 
@@ -279,6 +294,7 @@ impl Staged for AnyStaged {
         match self {
             AnyStaged::Local(s) => s.abort().await,
             AnyStaged::S3(s) => s.abort().await,
+            AnyStaged::Gateway(s) => s.abort().await,
         }
     }
 }
@@ -289,6 +305,7 @@ macro_rules! each {
         match $self {
             AnyStorage::Local($s) => $e,
             AnyStorage::S3($s) => $e,
+            AnyStorage::Gateway($s) => $e,
         }
     };
 }
@@ -334,6 +351,10 @@ impl Storage for AnyStorage {
                 .await
                 .map(AnyStaged::Local),
             AnyStorage::S3(s) => s.stage(key, ct, size_hint, body).await.map(AnyStaged::S3),
+            AnyStorage::Gateway(s) => s
+                .stage(key, ct, size_hint, body)
+                .await
+                .map(AnyStaged::Gateway),
         }
     }
 
@@ -385,6 +406,46 @@ impl Storage for AnyStorage {
         each!(self, s => s.presign_get(key, ttl).await)
     }
 
+    async fn presign_put(&self, key: &str, ttl: Duration) -> Result<Option<String>, StorageError> {
+        each!(self, s => s.presign_put(key, ttl).await)
+    }
+
+    async fn presign_parts(
+        &self,
+        key: &str,
+        parts: u32,
+        ttl: Duration,
+    ) -> Result<Option<(String, Vec<String>)>, StorageError> {
+        each!(self, s => s.presign_parts(key, parts, ttl).await)
+    }
+
+    async fn complete_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        etags: &[String],
+    ) -> Result<(), StorageError> {
+        each!(self, s => s.complete_parts(key, upload_id, etags).await)
+    }
+
+    async fn cancel_parts(&self, key: &str, upload_id: &str) {
+        each!(self, s => s.cancel_parts(key, upload_id).await)
+    }
+
+    async fn copy_checked(
+        &self,
+        from: &str,
+        to: &str,
+        etag: &str,
+        size: u64,
+    ) -> Result<(), StorageError> {
+        each!(self, s => s.copy_checked(from, to, etag, size).await)
+    }
+
+    async fn exists_many(&self, keys: &[String]) -> Result<Option<Vec<bool>>, StorageError> {
+        each!(self, s => s.exists_many(keys).await)
+    }
+
     async fn check_health(&self) -> Result<(), StorageError> {
         each!(self, s => s.check_health().await)
     }
@@ -426,7 +487,7 @@ mod tests {
         let opts = OpenOptions {
             given,
             fallback,
-            read_only: false,
+            ..OpenOptions::default()
         };
         s3_config(&TargetUrl::parse(url).unwrap(), &opts)
     }

@@ -38,6 +38,9 @@ pub enum Fault {
     /// As `Status`, but only for requests carrying this header (e.g. `if-none-match`: a
     /// server without conditional writes); others are forwarded.
     StatusIfHeader(&'static str, u16, &'static str),
+    /// 413 for a request whose body is over this many bytes, as reverse proxies with a
+    /// body limit answer (nginx's `client_max_body_size`); others are forwarded.
+    BodyOver(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -219,6 +222,31 @@ async fn handle(
         .then(|| faults[rand::random_range(0..faults.len())].clone()),
         other => other,
     };
+    if let Some(Fault::BodyOver(limit)) = fault {
+        let declared = req
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let (parts, body) = req.into_parts();
+        let over = declared.is_some_and(|n| n > limit);
+        let collected = if over {
+            None
+        } else {
+            http_body_util::Limited::new(body, limit as usize)
+                .collect()
+                .await
+                .ok()
+                .map(|c| c.to_bytes())
+        };
+        let Some(bytes) = collected else {
+            injected.fetch_add(1, Ordering::SeqCst);
+            return Ok(Response::builder()
+                .status(413)
+                .body(full("request body over the proxy's limit\n"))
+                .unwrap());
+        };
+        return forward(parts, bytes, method, target, client, upstream, None).await;
+    }
     if fault.is_some() {
         injected.fetch_add(1, Ordering::SeqCst);
     }
@@ -271,6 +299,18 @@ async fn handle(
         }
         _ => {}
     }
+    forward(parts, bytes, method, target, client, upstream, fault).await
+}
+
+async fn forward(
+    parts: http::request::Parts,
+    bytes: Bytes,
+    method: hyper::Method,
+    target: String,
+    client: reqwest::Client,
+    upstream: String,
+    fault: Option<Fault>,
+) -> Result<Response<Body>, std::io::Error> {
     let mut fwd = client.request(method.clone(), format!("{upstream}{target}"));
     for (k, v) in parts.headers.iter() {
         fwd = fwd.header(k, v);

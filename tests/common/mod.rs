@@ -240,3 +240,21 @@ impl Drop for Logged {
         }
     }
 }
+
+/// The hash part of a store path (the name of its narinfo).
+pub fn hash_of(path: &Path) -> String {
+    path.file_name().unwrap().to_str().unwrap()[..32].to_owned()
+}
+
+/// `cachepush token issue`: a scoped token for `scope` on `prefix`, valid for `expires`.
+pub fn issue_token(tk: &Path, scope: &str, prefix: &str, expires: &str) -> String {
+    let out = run_ok(
+        cachepush()
+            .args(["token", "issue", "--token-key"])
+            .arg(tk)
+            .args(["--scope", scope, "--prefix", prefix, "--expires", expires]),
+    );
+    let t = stdout(&out);
+    assert!(t.starts_with("cpt1.") && !t.contains('\n'), "{t}");
+    t
+}

@@ -14,6 +14,7 @@
 //! and presigning, [`multipart`] the uploads.
 
 mod config;
+mod grant;
 pub mod journal;
 mod multipart;
 pub mod pace;
@@ -426,6 +427,44 @@ impl Storage for S3Bucket {
 
     async fn presign_get(&self, key: &str, ttl: Duration) -> Result<Option<String>, StorageError> {
         self.presign(key, ttl).await.map(Some)
+    }
+
+    async fn presign_put(&self, key: &str, ttl: Duration) -> Result<Option<String>, StorageError> {
+        self.presign_put_url(key, ttl).await.map(Some)
+    }
+
+    async fn presign_parts(
+        &self,
+        key: &str,
+        parts: u32,
+        ttl: Duration,
+    ) -> Result<Option<(String, Vec<String>)>, StorageError> {
+        S3Bucket::presign_parts(self, key, parts, ttl)
+            .await
+            .map(Some)
+    }
+
+    async fn complete_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        etags: &[String],
+    ) -> Result<(), StorageError> {
+        S3Bucket::complete_parts(self, key, upload_id, etags).await
+    }
+
+    async fn cancel_parts(&self, key: &str, upload_id: &str) {
+        S3Bucket::cancel_parts(self, key, upload_id).await
+    }
+
+    async fn copy_checked(
+        &self,
+        from: &str,
+        to: &str,
+        etag: &str,
+        size: u64,
+    ) -> Result<(), StorageError> {
+        S3Bucket::copy_checked(self, from, to, etag, size).await
     }
 
     async fn check_health(&self) -> Result<(), StorageError> {

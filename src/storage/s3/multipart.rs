@@ -218,28 +218,7 @@ impl Multipart {
     }
 
     async fn create(bucket: S3Bucket, key: &str, ct: &'static str) -> Result<Self, StorageError> {
-        let i = &bucket.inner;
-        let obj = i.object_key(key);
-        let out = i
-            .retry(RequestKind::Multipart, "CreateMultipartUpload", key, || {
-                i.client
-                    .create_multipart_upload()
-                    .bucket(&i.cfg.bucket)
-                    .key(&obj)
-                    .content_type(ct)
-                    .send()
-            })
-            .await?
-            .map_err(|c| to_error("CreateMultipartUpload", key, c))?;
-        let upload_id = out
-            .upload_id()
-            .ok_or_else(|| StorageError::Remote {
-                op: "CreateMultipartUpload",
-                key: key.to_owned(),
-                message: "the response has no UploadId".into(),
-                transient: false,
-            })?
-            .to_owned();
+        let upload_id = create_upload(&bucket, key, ct).await?;
         Ok(Self::open(bucket, key, upload_id))
     }
 
@@ -432,6 +411,35 @@ fn joined(
 }
 
 /// Aborts one upload; true once the store confirmed it is gone.
+/// Starts a multipart upload of `key`; its upload id.
+pub(super) async fn create_upload(
+    bucket: &S3Bucket,
+    key: &str,
+    ct: &'static str,
+) -> Result<String, StorageError> {
+    let i = &bucket.inner;
+    let obj = i.object_key(key);
+    let out = i
+        .retry(RequestKind::Multipart, "CreateMultipartUpload", key, || {
+            i.client
+                .create_multipart_upload()
+                .bucket(&i.cfg.bucket)
+                .key(&obj)
+                .content_type(ct)
+                .send()
+        })
+        .await?
+        .map_err(|c| to_error("CreateMultipartUpload", key, c))?;
+    out.upload_id()
+        .map(str::to_owned)
+        .ok_or_else(|| StorageError::Remote {
+            op: "CreateMultipartUpload",
+            key: key.to_owned(),
+            message: "the response has no UploadId".into(),
+            transient: false,
+        })
+}
+
 pub(super) async fn abort_upload(bucket: &S3Bucket, key: &str, upload_id: &str) -> bool {
     let i = &bucket.inner;
     let obj = i.object_key(key);
