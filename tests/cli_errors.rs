@@ -774,3 +774,99 @@ fn a_named_profile_wins_over_the_environment_and_a_misspelled_one_is_named() {
     }
     assert!(!s3.keys(&bucket, "").is_empty());
 }
+
+/// A gateway that would let in more pushers than its flags seem to say, and a push to a
+/// gateway with no token, are refused with one line naming what to add; the well-formed
+/// gateway command starts (tests/gateway_push.rs pushes through it).
+#[test]
+fn push_gateway_misconfigurations_exit_2_with_one_line() {
+    let s = setup();
+    let sk = s.good_key.to_str().unwrap().to_owned();
+    let from = "s3://nix-cache?endpoint=http://127.0.0.1:9&region=us-east-1".to_owned();
+    let base = |extra: &[&str]| {
+        let mut v: Vec<String> = vec!["gateway".into(), "--from".into(), from.clone()];
+        v.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let issuer = "https://token.actions.githubusercontent.com";
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            base(&["--push-oidc-issuer", issuer]),
+            "--push-oidc-issuer needs --signing-key",
+        ),
+        (
+            base(&["--signing-key", &sk, "--push-oidc-issuer", issuer]),
+            "--push-oidc-audience",
+        ),
+        (
+            base(&[
+                "--signing-key",
+                &sk,
+                "--push-oidc-issuer",
+                issuer,
+                "--push-oidc-audience",
+                "cachepush",
+            ]),
+            "at least one --push-claim",
+        ),
+        (
+            base(&[
+                "--signing-key",
+                &sk,
+                "--push-oidc-issuer",
+                "http://ci.example.com",
+                "--push-oidc-audience",
+                "cachepush",
+                "--push-claim",
+                "repository=acme/*",
+            ]),
+            "must be https://",
+        ),
+        (
+            base(&[
+                "--signing-key",
+                &sk,
+                "--push-oidc-issuer",
+                issuer,
+                "--push-oidc-audience",
+                "cachepush",
+                "--push-claim",
+                "repository",
+            ]),
+            "is not NAME=GLOB",
+        ),
+        (
+            base(&[
+                "--signing-key",
+                &sk,
+                "--push-oidc-issuer",
+                issuer,
+                "--push-oidc-audience",
+                "cachepush",
+                "--push-claim",
+                "repository=acme/*",
+                "--push-quarantine-prefix",
+                "quarantine",
+            ]),
+            "--push-quarantine-claim",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = cachepush().args(&args).output().unwrap();
+        assert_one_error(&out, needle);
+    }
+    // A push to a gateway with no token anywhere.
+    let out = cachepush()
+        .args(["copy", "--to", "https://cache.example.org"])
+        .arg(shared_top())
+        .output()
+        .unwrap();
+    assert_one_error(&out, "needs a token");
+    // A gateway URL where a cache is needed.
+    let out = cachepush()
+        .args(["verify", "https://cache.example.org"])
+        .output()
+        .unwrap();
+    assert_one_error(&out, "is a gateway");
+}

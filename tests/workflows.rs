@@ -798,6 +798,7 @@ fn every_cachepush_command_in_the_examples_and_docs_exists() {
         }
     }
     files.push(root.join("README.md"));
+    files.push(root.join("action.yml"));
     let mut helps = std::collections::HashMap::new();
     let mut all_help = String::new();
     let subcommands = [
@@ -1343,4 +1344,42 @@ fn a_real_nix_build_with_the_post_build_hook_publishes_its_outputs() {
         stderr_of(&o)
     );
     assert_eq!(queued(&empty), 0);
+}
+
+/// The GitHub Action: composite, its inputs reach the scripts as variables (never
+/// spliced into them, where a crafted input would be code), and it builds cachepush
+/// from its own source rather than downloading anything.
+#[test]
+fn the_github_action_is_composite_and_takes_inputs_as_variables() {
+    use yaml_rust2::YamlLoader;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("action.yml")).unwrap();
+    let doc = &YamlLoader::load_from_str(&text).expect("action.yml is YAML")[0];
+    assert_eq!(doc["runs"]["using"].as_str(), Some("composite"));
+    assert!(doc["inputs"]["gateway"]["required"].as_bool() == Some(true));
+    let steps = doc["runs"]["steps"].as_vec().unwrap();
+    assert!(!steps.is_empty());
+    let mut scripts = String::new();
+    for step in steps {
+        let run = step["run"].as_str().unwrap_or_default();
+        assert!(
+            !run.contains("${{"),
+            "an input spliced into a script: {run}"
+        );
+        assert_eq!(step["shell"].as_str(), Some("bash"));
+        scripts.push_str(run);
+    }
+    assert!(scripts.contains("cargo install --locked"), "{scripts}");
+    assert!(scripts.contains("cachepush copy --to \"$PUSH_GATEWAY\""));
+    for word in ["curl", "wget", "releases/download"] {
+        assert!(!scripts.contains(word), "the action downloads with {word}");
+    }
+    for example in [
+        "examples/github-actions/keyless.yml",
+        "examples/gitlab-ci/keyless.gitlab-ci.yml",
+    ] {
+        let t = std::fs::read_to_string(root.join(example)).unwrap();
+        YamlLoader::load_from_str(&t).unwrap_or_else(|e| panic!("{example}: {e}"));
+        assert!(t.contains("https://cache.example.org"), "{example}");
+    }
 }
