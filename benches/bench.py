@@ -510,6 +510,42 @@ def gateway(server, bucket, extra, prefix=""):
     raise SystemExit("the gateway did not start:\n" + "".join(seen))
 
 
+def gateway_push_bench(server, key, paths, runs):
+    """W1 pushed through a gateway (a push-scope token, no S3 credentials, no key in the
+    client; the gateway checks every NAR, NarHash included) against the same push straight
+    to the bucket, alternating, in the same run."""
+    tk = WORK / "tokens.sk"
+    if not tk.exists():
+        run([str(CP), "keygen", "bench-tokens-1", str(tk)])
+    token = run([str(CP), "token", "issue", "--token-key", str(tk), "--scope", "push", "--expires", "1d"]).stdout.strip()
+    client_env = {k: v for k, v in server.env().items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
+    client_env["CACHEPUSH_TOKEN"] = token
+    direct, through = [], []
+    for r in range(runs):
+        log(f"W1 through the gateway, run {r + 1}/{runs}: direct")
+        direct.append(cachepush_push(server, server.bucket("gwdirect"), key, paths))
+        log(f"W1 through the gateway, run {r + 1}/{runs}: through the gateway")
+        g, port = gateway(server, server.bucket("gwpush"), ["--signing-key", str(key), "--token-key", str(tk)])
+        try:
+            m = timed([str(CP), "copy", "--to", f"http://127.0.0.1:{port}", "--json", "-q",
+                       "--compression-level", str(LEVEL), "--stdin"],
+                      client_env, stdin="\n".join(paths), server=server)
+        finally:
+            g.kill()
+        j = json.loads(m.pop("stdout"))
+        if j["failed"] or j["pushed"] != len(paths):
+            raise SystemExit(f"the push through the gateway failed: {j['failures'][:3]}")
+        through.append(m)
+    return {
+        "paths": len(paths),
+        "direct": {"wall": summary(direct), "rss_mib": summary(direct, "rss_mib")},
+        "through_gateway": {"wall": summary(through), "rss_mib": summary(through, "rss_mib"),
+                            "server_cpu": summary(through, "server_cpu")},
+        "ratio_gateway_over_direct": [t["wall"] / d["wall"] for t, d in zip(through, direct)],
+        "measured": f"{time.strftime('%Y-%m-%d')}, {versions()['cachepush']}",
+    }
+
+
 def gateway_bench(server, key, w1_bucket, w1_paths, w2_paths, secs):
     res = {}
     hit = f"/{Path(w1_paths[0]).name[:32]}.narinfo"
@@ -598,6 +634,8 @@ def main():
     ap.add_argument("--report-only", metavar="JSON", help="rewrite the Markdown report from a JSON result")
     ap.add_argument("--gc-only", action="store_true",
                     help="run only the gc benchmark and put it into docs/benchmarks.json (and .md) beside the rest")
+    ap.add_argument("--gwpush-only", action="store_true",
+                    help="run only W1 through the gateway against a direct push and put it into docs/benchmarks.json (and .md)")
     ap.add_argument("--wan-only", action="store_true",
                     help="run only the wide-area benchmarks (and the throttled push) and put them into docs/benchmarks.json (and .md)")
     a = ap.parse_args()
@@ -621,6 +659,29 @@ def main():
         r["wan"]["measured"] = f"{time.strftime('%Y-%m-%d')}, {versions()['cachepush']}"
         path.write_text(json.dumps(r, indent=1))
         plot_svg(r["wan"], out_dir / "benchmarks-wan.svg")
+        md = report(r, r["mode"] == "short")
+        path.with_suffix(".md").write_text(md)
+        print(md)
+        return
+    if a.gwpush_only:
+        WORK.mkdir(parents=True, exist_ok=True)
+        key = WORK / "bench.sk"
+        if not key.exists():
+            run([str(CP), "keygen", "bench-1", str(key)])
+        sp = specs(a.short)
+        w1 = build("W1", sp["W1"], a.short)
+        server = Server()
+        try:
+            gp = gateway_push_bench(server, key, w1, a.runs or (1 if a.short else 3))
+        finally:
+            server.stop()
+        out_dir = Path(a.out) if a.out else (WORK / "short" if a.short else ROOT / "docs")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "benchmarks.json"
+        r = json.loads(path.read_text()) if path.exists() else {"mode": "short" if a.short else "full", "runs": 1,
+                                                                 "versions": versions(), "workloads": {}, "gateway": {}}
+        r["gateway_push"] = gp
+        path.write_text(json.dumps(r, indent=1))
         md = report(r, r["mode"] == "short")
         path.with_suffix(".md").write_text(md)
         print(md)
@@ -704,6 +765,7 @@ def main():
             results["workloads"][w] = res
         results["gc"] = gc_bench(server, 2000 if a.short else 100_000)
         results.update(wan_section(server, key, sp, paths, a.short))
+        results["gateway_push"] = gateway_push_bench(server, key, paths["W1"], runs)
         log("gateway")
         results["gateway"] = gateway_bench(server, key, last_bucket_of(server, results, paths, key), paths["W1"], paths["W2"], secs)
     finally:
@@ -798,6 +860,10 @@ def targets(r):
     if rs:
         row(f"W2 killed at {rs['killed_at_bytes'] / rs['file_bytes']:.0%} and re-run: sends less than 30% again",
             f"{rs['resent_fraction']:.0%}", rs["resent_fraction"] < 0.30)
+    gp = r.get("gateway_push")
+    if gp:
+        ratio = statistics.median(gp["ratio_gateway_over_direct"])
+        row("W1 pushed through the gateway: within 1.3× of a direct push", f"{ratio:.2f}×", ratio <= 1.3)
     gc = r.get("gc")
     if gc:
         s = gc["second"]
@@ -918,6 +984,17 @@ def report(r, short):
               f"{rs['killed_at_bytes'] / rs['file_bytes']:.0%} of the file, then run again: the re-run found "
               f"{rs['resumed_bytes'] / 2**20:.0f} MiB of parts on the server and sent {rs['resent_fraction']:.0%} of the file again, "
               f"in {rs['rerun_wall']:.1f} s (a full push: {rs['full_wall']:.1f} s; the NAR is produced and hashed again either way)."]
+    gp = r.get("gateway_push")
+    if gp:
+        L += ["", "## Pushing through the gateway", "",
+              f"W1 ({gp['paths']} paths) pushed through `cachepush gateway` with a push-scope token (no S3 credentials, no key in "
+              "the client; NARs to presigned URLs; the gateway reads every NAR back, checks FileHash and NarHash, copies it to "
+              "its key and signs), against the same push straight to the bucket, alternating in the same run "
+              f"(measured {gp['measured']}):", "",
+              "| push | wall | peak RSS (client) | through / direct |", "|---|---|---|---|",
+              f"| straight to the bucket | {fmt(gp['direct']['wall'])} | {gp['direct']['rss_mib']['median']:.0f} MiB | |",
+              f"| through the gateway | {fmt(gp['through_gateway']['wall'])} | {gp['through_gateway']['rss_mib']['median']:.0f} MiB | "
+              f"{statistics.median(gp['ratio_gateway_over_direct']):.2f}× |"]
     L += ["", "## Gateway", "", "| measurement | requests/s | p50 | p99 | MB/s |", "|---|---|---|---|---|"]
     for k, g in r["gateway"].items():
         few = f"too few samples ({g.get('requests', '?')})"

@@ -30,7 +30,12 @@ const AUDIENCE: &str = "cachepush-test";
 struct Issuer {
     url: String,
     jwks: Arc<Mutex<String>>,
+    /// What `/gh-token` hands out: GitHub's ID-token endpoint, which answers a job's
+    /// `ACTIONS_ID_TOKEN_REQUEST_TOKEN` with a token for the audience it asks for.
+    github: Arc<Mutex<String>>,
 }
+
+const GITHUB_REQUEST_TOKEN: &str = "gh-request-secret";
 
 struct SigningKey {
     kid: String,
@@ -107,9 +112,11 @@ impl Issuer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let jwks = Arc::new(Mutex::new(String::new()));
+        let github = Arc::new(Mutex::new(String::new()));
         let issuer = Issuer {
             url: url.clone(),
             jwks: jwks.clone(),
+            github: github.clone(),
         };
         issuer.set_keys(keys);
         std::thread::spawn(move || {
@@ -121,14 +128,23 @@ impl Issuer {
                     continue;
                 }
                 // The rest of the head.
+                let mut head = String::new();
                 loop {
                     let mut h = String::new();
                     if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
                         break;
                     }
+                    head.push_str(&h.to_ascii_lowercase());
                 }
                 let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+                let github_ok = head
+                    .contains(&format!("authorization: bearer {GITHUB_REQUEST_TOKEN}"))
+                    && path.contains(&format!("audience={AUDIENCE}"));
                 let (status, body) = match path.as_str() {
+                    p if p.starts_with("/gh-token?") && github_ok => {
+                        (200, json!({ "value": *github.lock().unwrap() }).to_string())
+                    }
+                    p if p.starts_with("/gh-token?") => (403, String::new()),
                     "/.well-known/openid-configuration" => (
                         200,
                         json!({"issuer": url, "jwks_uri": format!("{url}/jwks")}).to_string(),
@@ -332,6 +348,25 @@ fn ci_identity_tokens_push_through_the_gateway_with_no_secrets_and_nix_substitut
             s3.head(&bucket, &format!("{}.narinfo", hash_of(&top3)))
                 .is_none(),
             "published with a retired key's token"
+        );
+
+        // On GitHub Actions the client asks for the job's token itself, for its audience.
+        *issuer.github.lock().unwrap() = new.token(&issuer.claims("acme/app", "refs/heads/main"));
+        let top4 = build("", &unique("gwpush-github"));
+        let mut gh = cachepush();
+        gh.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env(
+                "ACTIONS_ID_TOKEN_REQUEST_URL",
+                format!("{}/gh-token?api-version=2.0", issuer.url),
+            )
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", GITHUB_REQUEST_TOKEN)
+            .args(["copy", "--audience", AUDIENCE, "--to", &gw.url()])
+            .arg(&top4);
+        run_ok(&mut gh);
+        assert!(
+            s3.head(&bucket, &format!("{}.narinfo", hash_of(&top4)))
+                .is_some()
         );
 
         // A pull request: into the quarantine, not the cache.

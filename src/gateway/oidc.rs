@@ -499,6 +499,74 @@ mod tests {
         assert!(!m("*a*b", "xxbxxa"));
     }
 
+    /// ES256 (GitLab and others may sign so) with a key already fetched: the signature,
+    /// an audience list, the claim rules, expiry, and the algorithm allowlist.
+    #[tokio::test]
+    async fn es256_tokens_are_checked_like_rs256_ones() {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+        let issuer = "https://issuer.example";
+        let v = OidcVerifier::new(OidcConfig {
+            issuers: vec![issuer.into()],
+            audience: "aud-1".into(),
+            claims: vec![ClaimRule::parse("project_path=acme/*").unwrap()],
+            ..Default::default()
+        })
+        .unwrap();
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        v.keys.lock().await.insert(
+            issuer.into(),
+            IssuerKeys {
+                keys: HashMap::from([(
+                    "e1".to_owned(),
+                    Jwk::Ec {
+                        point: pair.public_key().as_ref().to_vec(),
+                    },
+                )]),
+                fetched: Instant::now(),
+            },
+        );
+        let now = 1_800_000_000;
+        let token = |alg: &str, claims: Value| {
+            let signed = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(serde_json::json!({"alg": alg, "kid": "e1"}).to_string()),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let rng = aws_lc_rs::rand::SystemRandom::new();
+            let sig = pair.sign(&rng, signed.as_bytes()).unwrap();
+            format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+        };
+        let claims = |project: &str, exp: i64| {
+            serde_json::json!({"iss": issuer, "aud": ["other", "aud-1"], "sub": "project_path:x",
+                               "project_path": project, "exp": exp})
+        };
+        let ok = v
+            .verify(&token("ES256", claims("acme/app", now + 60)), now)
+            .await;
+        assert_eq!(ok.map(|i| i.quarantine), Ok(false));
+        assert_eq!(
+            v.verify(&token("ES256", claims("evil/app", now + 60)), now)
+                .await,
+            Err(OidcRefusal::Claims("project_path".into()))
+        );
+        assert_eq!(
+            v.verify(&token("ES256", claims("acme/app", now - 61)), now)
+                .await,
+            Err(OidcRefusal::Expired)
+        );
+        // An EC key never verifies an RS256 token, and `none` is not an algorithm here.
+        assert_eq!(
+            v.verify(&token("RS256", claims("acme/app", now + 60)), now)
+                .await,
+            Err(OidcRefusal::Signature)
+        );
+        assert_eq!(
+            v.verify(&token("none", claims("acme/app", now + 60)), now)
+                .await,
+            Err(OidcRefusal::Algorithm("none".into()))
+        );
+    }
+
     #[test]
     fn rules_and_issuers_are_checked_before_serving() {
         assert!(ClaimRule::parse("repository=org/*").is_ok());
