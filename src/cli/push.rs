@@ -466,7 +466,13 @@ impl Pusher {
         // NAR uploads in flight: up to the ceiling of the adaptive limit, which then decides
         // how many requests are really out (a directory: --jobs, 16 by default).
         let heads = (jobs.unwrap_or(16) * 4).clamp(16, 256);
-        let jobs = storage.concurrency_ceiling().or(jobs).unwrap_or(16);
+        // Through a gateway each path is three small requests that wait on the gateway's
+        // checks: more in flight than to a directory.
+        let jobs = if target.is_gateway() {
+            jobs.unwrap_or(64)
+        } else {
+            storage.concurrency_ceiling().or(jobs).unwrap_or(16)
+        };
         if settings.skip_if_no_credentials && !storage.has_credentials().await {
             return skip(&out, "no S3 credentials are available");
         }

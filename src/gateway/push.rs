@@ -10,7 +10,8 @@
 //! - `POST uploads` `{"key": "nar/<NarHash>.nar.zst", "size": NAR_SIZE}` → a grant: one
 //!   presigned PUT, or a multipart upload with one presigned URL per part, for a staging
 //!   key of its own (`_incoming/<id>/...`), valid for the grant's lifetime;
-//! - `POST uploads/<id>/complete` `{"etags": [...]}` (multipart) and `POST uploads/<id>/abort`;
+//! - `POST uploads/<id>/complete` `{"etags": [...]}` (multipart uploads; a single PUT
+//!   needs none) and `POST uploads/<id>/abort`;
 //! - `POST narinfo` (the narinfo's text, unsigned) → publishes it: the staged object's
 //!   size and FileHash, and unless `--trust-pushers` its decompressed NarHash and NarSize,
 //!   must be what the narinfo says, and every reference must already be in the cache. Then
@@ -57,6 +58,10 @@ const PART_SIZE: u64 = 16 << 20;
 const MAX_PARTS: u64 = 10_000;
 /// Largest NAR a grant is given for.
 const MAX_NAR: u64 = 1 << 40;
+/// How long a narinfo seen present stands in for a HEAD of it (a gc keeps what a push
+/// relies on far longer than this), and how many are remembered.
+const PRESENT_TTL: Duration = Duration::from_secs(600);
+const PRESENT_MAX: usize = 200_000;
 /// Staging objects older than this, left by a gateway that stopped, are deleted.
 const STALE_STAGING: i64 = 24 * 3600;
 
@@ -76,15 +81,35 @@ pub struct PushConfig {
 pub struct Pushes {
     pub(super) cfg: PushConfig,
     grants: Mutex<HashMap<String, Grant>>,
+    /// Narinfo keys seen present lately (published here, or answered present), so that
+    /// the references of the next narinfos cost no HEAD each.
+    present: Mutex<HashMap<String, Instant>>,
     swept_staging: AtomicBool,
     cache_info_written: [AtomicBool; 2],
 }
 
 impl Pushes {
+    fn seen_present(&self, keys: impl IntoIterator<Item = String>) {
+        let mut m = self.present.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= PRESENT_MAX {
+            m.clear();
+        }
+        let now = Instant::now();
+        for k in keys {
+            m.insert(k, now);
+        }
+    }
+
+    fn known_present(&self, key: &str) -> bool {
+        let m = self.present.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(key).is_some_and(|t| t.elapsed() < PRESENT_TTL)
+    }
+
     pub fn new(cfg: PushConfig) -> Self {
         Pushes {
             cfg,
             grants: Mutex::new(HashMap::new()),
+            present: Mutex::new(HashMap::new()),
             swept_staging: AtomicBool::new(false),
             cache_info_written: [AtomicBool::new(false), AtomicBool::new(false)],
         }
@@ -393,6 +418,12 @@ impl<S: Storage> State<S> {
             log(&format!("push: missing: {e}"));
             answer(StatusCode::BAD_GATEWAY, "the bucket did not answer")
         })?;
+        p.seen_present(
+            keys.iter()
+                .zip(&present)
+                .filter(|(_, there)| **there)
+                .map(|(k, _)| k.clone()),
+        );
         let missing: Vec<&String> = q
             .hashes
             .iter()
@@ -504,6 +535,7 @@ impl<S: Storage> State<S> {
                 n,
             )
         };
+        let parts_needed = if upload.is_some() { parts } else { 0 };
         let grant_entry = Grant {
             owner: who.clone(),
             key: q.key,
@@ -511,7 +543,8 @@ impl<S: Storage> State<S> {
             upload,
             parts,
             expires: Instant::now() + ttl,
-            complete: false,
+            // A single PUT is whole once it is there; parts need completing.
+            complete: parts_needed == 0,
         };
         let refused = {
             let mut g = p.grants.lock().unwrap_or_else(|e| e.into_inner());
@@ -747,16 +780,25 @@ impl<S: Storage> State<S> {
             .iter()
             .filter(|r| **r != ni.store_path)
             .collect();
-        let keys: Vec<String> = refs
+        // References seen present in the last minutes need no HEAD.
+        let unknown: Vec<_> = refs
             .iter()
-            .map(|r| Self::target_key(p, who, &layout::narinfo_of(r)))
+            .map(|r| (*r, Self::target_key(p, who, &layout::narinfo_of(r))))
+            .filter(|(_, k)| !p.known_present(k))
             .collect();
+        let keys: Vec<String> = unknown.iter().map(|(_, k)| k.clone()).collect();
         let there = exist(&self.storage, &keys).await.map_err(storage_err)?;
-        let missing: Vec<String> = refs
+        p.seen_present(
+            keys.iter()
+                .zip(&there)
+                .filter(|(_, t)| **t)
+                .map(|(k, _)| k.clone()),
+        );
+        let missing: Vec<String> = unknown
             .iter()
             .zip(there)
             .filter(|(_, there)| !there)
-            .map(|(r, _)| ni.store_dir.display(r))
+            .map(|((r, _), _)| ni.store_dir.display(r))
             .collect();
         if !missing.is_empty() {
             return Err(answer(
@@ -796,6 +838,7 @@ impl<S: Storage> State<S> {
             .put(&key, content_type::NARINFO, Bytes::from(ni.to_string()))
             .await
             .map_err(storage_err)?;
+        p.seen_present([key]);
         // The narinfo cache must not keep answering 404 for what was just published.
         self.cache.forget(&layout::narinfo_of(&ni.store_path));
         Ok(())
