@@ -626,6 +626,19 @@ fn a_pusher_that_lies_gets_the_path_named_and_nothing_published() {
     assert_eq!(st, 200, "{body}");
     let published = String::from_utf8(s3.get(&bucket, &format!("{}.narinfo", h('a')))).unwrap();
     assert!(published.contains("Sig: gw-liar-1:"), "{published}");
+    // A second narinfo for the same path, with other bytes, replaces nothing.
+    let swap = b"other bytes for a path that is already published".to_vec();
+    let swap_key = format!("nar/{}.nar", sha256_nix32(&swap));
+    upload(&gw, &token, &swap_key, &swap);
+    let (st, body) = publish(
+        &gw,
+        &token,
+        &narinfo(&honest, &swap_key, "none", &swap, &swap, ""),
+    );
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("\"already\":true"), "{body}");
+    let after = String::from_utf8(s3.get(&bucket, &format!("{}.narinfo", h('a')))).unwrap();
+    assert_eq!(after, published, "a published narinfo was replaced");
 
     // A NAR that decompresses to something else than its NarHash says.
     let other = b"what the narinfo claims the NAR is".repeat(10);

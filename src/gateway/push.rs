@@ -135,6 +135,14 @@ struct Grant {
     complete: bool,
 }
 
+/// What a narinfo submission did.
+#[derive(Debug, PartialEq, Eq)]
+enum Published {
+    Now,
+    /// The cache had the path already: nothing was replaced.
+    AlreadyThere,
+}
+
 /// A refusal or failure of a push request: a status and one line for the pusher.
 struct Answer {
     status: StatusCode,
@@ -727,11 +735,14 @@ impl<S: Storage> State<S> {
             self.discard(g).await;
         }
         match result {
-            Ok(()) => {
-                log(&format!("push: published {path} by {}", who.who));
+            Ok(done) => {
+                let already = done == Published::AlreadyThere;
+                if !already {
+                    log(&format!("push: published {path} by {}", who.who));
+                }
                 Ok(json_response(
                     StatusCode::OK,
-                    &json!({ "published": path, "quarantine": who.quarantine }),
+                    &json!({ "published": path, "quarantine": who.quarantine, "already": already }),
                 ))
             }
             Err(a) => {
@@ -752,11 +763,23 @@ impl<S: Storage> State<S> {
         source: &str,
         staged: bool,
         final_key: &str,
-    ) -> Result<(), Answer> {
+    ) -> Result<Published, Answer> {
         let storage_err = |e: crate::storage::StorageError| {
             log(&format!("push: {e}"));
             answer(StatusCode::BAD_GATEWAY, "the bucket did not answer")
         };
+        // First writer wins, as with `nix copy`: a published narinfo is never replaced
+        // through the push API, so a pusher cannot swap what others already substitute.
+        let key = Self::target_key(p, who, &layout::narinfo_of(&ni.store_path));
+        if self
+            .storage
+            .head(&key)
+            .await
+            .map_err(storage_err)?
+            .is_some()
+        {
+            return Ok(Published::AlreadyThere);
+        }
         let check = crate::verify::check_nar_at(&self.storage, source, ni, !p.cfg.trust_pushers)
             .await
             .map_err(storage_err)?;
@@ -833,15 +856,18 @@ impl<S: Storage> State<S> {
         if !who.quarantine {
             ni.sign(&p.cfg.key);
         }
-        let key = Self::target_key(p, who, &layout::narinfo_of(&ni.store_path));
-        self.storage
-            .put(&key, content_type::NARINFO, Bytes::from(ni.to_string()))
+        let fresh = self
+            .storage
+            .put_if_absent(&key, content_type::NARINFO, Bytes::from(ni.to_string()))
             .await
             .map_err(storage_err)?;
         p.seen_present([key]);
+        if !fresh {
+            return Ok(Published::AlreadyThere);
+        }
         // The narinfo cache must not keep answering 404 for what was just published.
         self.cache.forget(&layout::narinfo_of(&ni.store_path));
-        Ok(())
+        Ok(Published::Now)
     }
 
     async fn ensure_cache_info(
