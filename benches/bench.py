@@ -634,6 +634,8 @@ def main():
     ap.add_argument("--report-only", metavar="JSON", help="rewrite the Markdown report from a JSON result")
     ap.add_argument("--gc-only", action="store_true",
                     help="run only the gc benchmark and put it into docs/benchmarks.json (and .md) beside the rest")
+    ap.add_argument("--gateway-only", action="store_true",
+                    help="run only the gateway's pull-side benchmarks and put them into docs/benchmarks.json (and .md)")
     ap.add_argument("--gwpush-only", action="store_true",
                     help="run only W1 through the gateway against a direct push and put it into docs/benchmarks.json (and .md)")
     ap.add_argument("--wan-only", action="store_true",
@@ -659,6 +661,30 @@ def main():
         r["wan"]["measured"] = f"{time.strftime('%Y-%m-%d')}, {versions()['cachepush']}"
         path.write_text(json.dumps(r, indent=1))
         plot_svg(r["wan"], out_dir / "benchmarks-wan.svg")
+        md = report(r, r["mode"] == "short")
+        path.with_suffix(".md").write_text(md)
+        print(md)
+        return
+    if a.gateway_only:
+        WORK.mkdir(parents=True, exist_ok=True)
+        key = WORK / "bench.sk"
+        if not key.exists():
+            run([str(CP), "keygen", "bench-1", str(key)])
+        sp = specs(a.short)
+        paths = {w: build(w, sp[w], a.short) for w in ("W1", "W2")}
+        server = Server()
+        try:
+            b = server.bucket("W1")
+            cachepush_push(server, b, key, paths["W1"])
+            g = gateway_bench(server, key, b, paths["W1"], paths["W2"], 1 if a.short else 5)
+        finally:
+            server.stop()
+        out_dir = Path(a.out) if a.out else (WORK / "short" if a.short else ROOT / "docs")
+        path = out_dir / "benchmarks.json"
+        r = json.loads(path.read_text())
+        r["gateway"] = g
+        r["gateway_measured"] = f"{time.strftime('%Y-%m-%d')}, {versions()['cachepush']}"
+        path.write_text(json.dumps(r, indent=1))
         md = report(r, r["mode"] == "short")
         path.with_suffix(".md").write_text(md)
         print(md)
@@ -995,7 +1021,10 @@ def report(r, short):
               f"| straight to the bucket | {fmt(gp['direct']['wall'])} | {gp['direct']['rss_mib']['median']:.0f} MiB | |",
               f"| through the gateway | {fmt(gp['through_gateway']['wall'])} | {gp['through_gateway']['rss_mib']['median']:.0f} MiB | "
               f"{statistics.median(gp['ratio_gateway_over_direct']):.2f}× |"]
-    L += ["", "## Gateway", "", "| measurement | requests/s | p50 | p99 | MB/s |", "|---|---|---|---|---|"]
+    L += ["", "## Gateway", ""]
+    if r.get("gateway_measured"):
+        L += [f"Measured {r['gateway_measured']}.", ""]
+    L += ["| measurement | requests/s | p50 | p99 | MB/s |", "|---|---|---|---|---|"]
     for k, g in r["gateway"].items():
         few = f"too few samples ({g.get('requests', '?')})"
         p50 = f"{g['p50_ms']:.3f} ms" if g["p50_ms"] is not None else few

@@ -18,7 +18,14 @@ let
     ++ optionalFlag "--signing-key" (if cfg.signingKeyFile != null then "%d/signing-key" else null)
     ++ lib.concatMap (k: [ "--require-signature-by" k ]) cfg.requireSignatureBy
     ++ lib.optional cfg.signUnverified "--sign-unverified"
+    ++ lib.concatMap (i: [ "--push-oidc-issuer" i ]) cfg.push.oidcIssuers
+    ++ optionalFlag "--push-oidc-audience" cfg.push.oidcAudience
+    ++ lib.concatMap (c: [ "--push-claim" c ]) cfg.push.claims
+    ++ optionalFlag "--push-quarantine-prefix" cfg.push.quarantinePrefix
+    ++ lib.concatMap (c: [ "--push-quarantine-claim" c ]) cfg.push.quarantineClaims
+    ++ lib.optional cfg.push.trustPushers "--trust-pushers"
     ++ cfg.extraArgs;
+  pushing = cfg.push.oidcIssuers != [ ];
   secrets = {
     inherit (cfg) credentialsFile htpasswdFile tokensFile signingKeyFile;
   };
@@ -104,6 +111,47 @@ in
       '';
     };
 
+    push = {
+      oidcIssuers = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "https://token.actions.githubusercontent.com" ];
+        description = ''
+          Let CI jobs push with their identity tokens from these issuers (docs/keyless-ci.md).
+          Needs signingKeyFile (the gateway signs what it publishes), oidcAudience and claims.
+        '';
+      };
+      oidcAudience = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://cache.example.org";
+        description = "The audience identity tokens must be minted for.";
+      };
+      claims = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "repository=my-org/*" "ref=refs/heads/main" ];
+        description = "NAME=GLOB rules every pushing token must match.";
+      };
+      quarantinePrefix = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "quarantine";
+        description = "Where tokens that fail the claims but match quarantineClaims push (unsigned).";
+      };
+      quarantineClaims = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "repository=my-org/*" ];
+        description = "NAME=GLOB rules a token must match to push into the quarantine.";
+      };
+      trustPushers = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Check uploads' size and FileHash only, not their NarHash.";
+      };
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -116,8 +164,11 @@ in
       assertion = !(inStore f);
       message = "services.cachepush-gateway.${name} is in the Nix store, which every local user can read: give the path of a file outside it as a string, e.g. \"/run/secrets/${name}\".";
     }) secrets ++ [{
-      assertion = cfg.signingKeyFile == null || cfg.requireSignatureBy != [ ] || cfg.signUnverified;
-      message = "services.cachepush-gateway.signingKeyFile needs requireSignatureBy (the keys whose signature the gateway countersigns) or signUnverified = true.";
+      assertion = cfg.signingKeyFile == null || cfg.requireSignatureBy != [ ] || cfg.signUnverified || pushing;
+      message = "services.cachepush-gateway.signingKeyFile needs requireSignatureBy (the keys whose signature the gateway countersigns), signUnverified = true, or push.oidcIssuers.";
+    } {
+      assertion = !pushing || (cfg.signingKeyFile != null && cfg.push.oidcAudience != null && cfg.push.claims != [ ]);
+      message = "services.cachepush-gateway.push.oidcIssuers needs signingKeyFile, push.oidcAudience and at least one push.claims rule.";
     }];
 
     systemd.services.cachepush-gateway = {

@@ -709,6 +709,25 @@ fn the_flake_and_nixos_modules_parse_and_evaluate_against_a_lib_stub() {
     );
     let r = refused("gatewayNoPolicy");
     assert!(r.len() == 1 && r[0].contains("requireSignatureBy"), "{r:?}");
+    // A pushing gateway signs what it checked: no countersigning policy needed, but
+    // claim rules are (the CLI refuses the same).
+    assert!(
+        refused("gatewayPush").is_empty(),
+        "{:?}",
+        refused("gatewayPush")
+    );
+    let r = refused("gatewayPushNoClaims");
+    assert!(r.len() == 1 && r[0].contains("push.claims"), "{r:?}");
+    let exec = v["gatewayPushExec"].as_str().unwrap();
+    for part in [
+        "'--push-oidc-issuer' 'https://token.actions.githubusercontent.com'",
+        "'--push-oidc-audience' 'https://cache.example.org'",
+        "'--push-claim' 'repository=my-org/*'",
+        "'--push-quarantine-prefix' 'quarantine'",
+        "'--push-quarantine-claim' 'repository=my-org/*'",
+    ] {
+        assert!(exec.contains(part), "{exec}");
+    }
     let exec = v["gatewaySigningExec"].as_str().unwrap();
     assert!(
         exec.contains("'--signing-key' '%d/signing-key' '--require-signature-by' 'ci-1:AAAA'"),
