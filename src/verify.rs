@@ -236,8 +236,10 @@ pub async fn check_nar_at<S: Storage>(
     let mut body = stream.body;
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let compression = ni.compression.clone();
-    let decoder = decompress
-        .then(|| tokio::task::spawn_blocking(move || decompress_and_hash(&compression, rx)));
+    let decoder = decompress.then(|| {
+        let limit = ni.nar_size;
+        tokio::task::spawn_blocking(move || decompress_and_hash(&compression, rx, limit))
+    });
     let mut file_hash = sha2::Sha256::new();
     let mut file_size = 0u64;
     let mut read_error = None;
@@ -317,11 +319,23 @@ impl Read for ChannelReader {
 fn decompress_and_hash(
     compression: &str,
     rx: mpsc::Receiver<Bytes>,
+    limit: u64,
 ) -> Result<(Sha256, u64), String> {
     let input = ChannelReader {
         rx,
         cur: Bytes::new(),
     };
+    hash_decompressed(compression, input, limit)
+}
+
+/// SHA-256 and size of what `input` decompresses to; stops with an error past `limit`
+/// bytes (the NarSize claimed), so that a small file that inflates without end costs no
+/// more than the NAR it claims to be.
+fn hash_decompressed(
+    compression: &str,
+    input: impl Read,
+    limit: u64,
+) -> Result<(Sha256, u64), String> {
     let mut reader = crate::compression::decoder(compression, input)?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -333,8 +347,41 @@ fn decompress_and_hash(
         }
         hasher.update(&buf[..n]);
         total += n as u64;
+        if total > limit {
+            return Err(format!(
+                "it decompresses to more than the {limit} bytes of NarSize"
+            ));
+        }
     }
     Ok((Sha256::from_bytes(hasher.finalize().into()), total))
+}
+
+/// [`check_nar_at`] for a NAR file already in memory (the small NARs a push through the
+/// gateway sends along with their narinfo): each way it differs from `ni`.
+pub fn check_nar_bytes(file: &[u8], ni: &NarInfo, decompress: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    let file_hash = Sha256::digest(file);
+    let file_size = file.len() as u64;
+    if ni.file_hash.is_some_and(|h| h != file_hash) || ni.file_size.is_some_and(|s| s != file_size)
+    {
+        problems.push(format!(
+            "{} hashes to {file_hash} ({file_size} bytes), FileHash/FileSize say otherwise",
+            ni.url
+        ));
+    }
+    if decompress {
+        match hash_decompressed(&ni.compression, file, ni.nar_size) {
+            Ok((nar_hash, nar_size)) if nar_hash != ni.nar_hash || nar_size != ni.nar_size => {
+                problems.push(format!(
+                    "{} decompresses to {nar_hash} ({nar_size} bytes), NarHash says {} ({} bytes)",
+                    ni.url, ni.nar_hash, ni.nar_size
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{} does not decompress: {e}", ni.url)),
+        }
+    }
+    problems
 }
 
 #[cfg(test)]

@@ -324,6 +324,24 @@ fn ci_identity_tokens_push_through_the_gateway_with_no_secrets_and_nix_substitut
                 .arg(s3.url(&bucket, ""))
                 .args(["--trusted-key", &pk]),
         );
+        // A NAR too big to go along with its narinfo (about 1 MiB compressed) goes to
+        // the bucket on a presigned PUT; the small ones of the same closure go along.
+        let mid = build_big(&unique("gwpush-mid"), 3);
+        let out = push_through(&gw.url(), &token, &mid);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        let got = nix_via(&gw.url(), &tmp.path().join("nix-mid"), &mid, &pk, None);
+        assert!(got.status.success(), "{}: {}", s3.name, stderr_of(&got));
+        nix_has_closure(&tmp.path().join("nix-mid"), &mid);
+        assert!(
+            gw.log_text().contains("POST /_cachepush/push/v1/uploads"),
+            "no grant was asked for: {}",
+            gw.log_text()
+        );
+        let keys = s3.keys(&bucket, "");
+        assert!(
+            !keys.iter().any(|k| k.starts_with("_incoming/")),
+            "{keys:?}"
+        );
         // Nothing to send the second time: asked in bulk, answered present.
         let again = push_through(&gw.url(), &token, &top);
         assert!(again.status.success(), "{}", stderr_of(&again));
@@ -652,6 +670,29 @@ fn a_pusher_that_lies_gets_the_path_named_and_nothing_published() {
     );
     assert_eq!(st, 422, "{body}");
     assert!(body.contains(&liar), "the error names the path: {body}");
+
+    // The same lie with the NAR sent along with its narinfo.
+    let along = json!({
+        "narinfo": narinfo(&format!("{}-along", h('f')), &lie_nar, "zstd", &file, &other, ""),
+        "nar": base64::engine::general_purpose::STANDARD.encode(&file),
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (st, body) = rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("http://{}/_cachepush/push/v1/narinfo", gw.addr))
+            .bearer_auth(&token)
+            .header("Content-Type", "application/json")
+            .body(along.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    assert_eq!(st, 422, "{body}");
+    assert!(body.contains("-along"), "{body}");
 
     // A FileSize that is not the upload's.
     let small = b"a small nar".to_vec();

@@ -50,6 +50,10 @@ const MAX_BODY: usize = 4 << 20;
 const MAX_HASHES: usize = 10_000;
 /// Grants open at once, all pushers together.
 const MAX_GRANTS: usize = 20_000;
+/// Compressed NARs up to this size may come along with their narinfo (base64, in JSON):
+/// one request instead of a grant, a PUT and a narinfo, and well under any reverse
+/// proxy's body limit (nginx's default is 1 MiB).
+pub const INLINE_MAX: u64 = 256 << 10;
 /// Compressed NARs up to this size are one PUT; larger ones are multipart.
 pub const SINGLE_PUT_MAX: u64 = 16 << 20;
 /// Smallest part of a multipart grant (S3 requires 5 MiB; 16 MiB is what pushes use).
@@ -133,6 +137,24 @@ struct Grant {
     parts: u32,
     expires: Instant,
     complete: bool,
+}
+
+/// Where the NAR of a narinfo being published is.
+enum Source {
+    /// Sent along with the narinfo (small NARs).
+    Inline(Bytes),
+    /// Uploaded to this staging key on a grant.
+    Staged(String),
+    /// Already at its key in the cache (pushed before).
+    Existing,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    narinfo: String,
+    /// The compressed NAR, base64.
+    nar: String,
 }
 
 /// What a narinfo submission did.
@@ -684,10 +706,32 @@ impl<S: Storage> State<S> {
         who: &Pusher,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, Answer> {
+        let json_body = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
         let body = read_body(req).await?;
-        let text = std::str::from_utf8(&body)
-            .map_err(|_| answer(StatusCode::BAD_REQUEST, "the narinfo is not UTF-8"))?;
-        let mut ni = NarInfo::parse(text)
+        // A small NAR may come along with its narinfo: `{"narinfo": TEXT, "nar": BASE64}`.
+        let (text, inline) = if json_body {
+            let q: PublishRequest = parse_json(&body)?;
+            let nar = base64::engine::general_purpose::STANDARD
+                .decode(q.nar.as_bytes())
+                .map_err(|_| answer(StatusCode::BAD_REQUEST, "the NAR is not base64"))?;
+            if nar.len() as u64 > INLINE_MAX {
+                return Err(answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "a NAR sent along with its narinfo may have {INLINE_MAX} bytes at most; upload larger ones to a grant"
+                    ),
+                ));
+            }
+            (q.narinfo, Some(Bytes::from(nar)))
+        } else {
+            let text = std::str::from_utf8(&body)
+                .map_err(|_| answer(StatusCode::BAD_REQUEST, "the narinfo is not UTF-8"))?;
+            (text.to_owned(), None)
+        };
+        let mut ni = NarInfo::parse(&text)
             .map_err(|e| answer(StatusCode::BAD_REQUEST, format!("narinfo: {e}")))?;
         let path = ni.store_dir.display(&ni.store_path);
         let bad = |status, why: String| answer(status, format!("{path}: {why}"));
@@ -712,8 +756,11 @@ impl<S: Storage> State<S> {
                 "FileHash and FileSize are required".into(),
             ));
         }
-        // The upload this narinfo is for: a completed grant of this pusher for its URL.
-        let staged = {
+        // The upload this narinfo is for: sent along, or a completed grant of this pusher
+        // for its URL.
+        let staged = if inline.is_some() {
+            None
+        } else {
             let mut g = p.grants.lock().unwrap_or_else(|e| e.into_inner());
             let id = g
                 .iter()
@@ -724,11 +771,13 @@ impl<S: Storage> State<S> {
         let final_key = Self::target_key(p, who, &ni.url);
         // Without one, the NAR may already be in the cache (pushed before): checked the
         // same way, but never deleted, as it is not this pusher's.
-        let source = staged
-            .as_ref()
-            .map_or_else(|| final_key.clone(), |g| g.staging.clone());
+        let source = match (inline, &staged) {
+            (Some(bytes), _) => Source::Inline(bytes),
+            (None, Some(g)) => Source::Staged(g.staging.clone()),
+            (None, None) => Source::Existing,
+        };
         let result = self
-            .check_and_publish(p, who, &mut ni, &source, staged.is_some(), &final_key)
+            .check_and_publish(p, who, &mut ni, source, &final_key)
             .await;
         if let Some(g) = &staged {
             // Published or not, the staging copy goes.
@@ -760,8 +809,7 @@ impl<S: Storage> State<S> {
         p: &Pushes,
         who: &Pusher,
         ni: &mut NarInfo,
-        source: &str,
-        staged: bool,
+        source: Source,
         final_key: &str,
     ) -> Result<Published, Answer> {
         let storage_err = |e: crate::storage::StorageError| {
@@ -780,9 +828,31 @@ impl<S: Storage> State<S> {
         {
             return Ok(Published::AlreadyThere);
         }
-        let check = crate::verify::check_nar_at(&self.storage, source, ni, !p.cfg.trust_pushers)
-            .await
-            .map_err(storage_err)?;
+        let decompress = !p.cfg.trust_pushers;
+        let check = match &source {
+            Source::Inline(bytes) => {
+                let (bytes, copy) = (bytes.clone(), ni.clone());
+                let problems = tokio::task::spawn_blocking(move || {
+                    crate::verify::check_nar_bytes(&bytes, &copy, decompress)
+                })
+                .await
+                .map_err(|e| answer(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+                crate::verify::NarCheck {
+                    problems,
+                    found: true,
+                    etag: None,
+                    file_size: 0,
+                }
+            }
+            Source::Staged(key) => crate::verify::check_nar_at(&self.storage, key, ni, decompress)
+                .await
+                .map_err(storage_err)?,
+            Source::Existing => {
+                crate::verify::check_nar_at(&self.storage, final_key, ni, decompress)
+                    .await
+                    .map_err(storage_err)?
+            }
+        };
         if !check.found {
             return Err(answer(
                 StatusCode::CONFLICT,
@@ -832,7 +902,14 @@ impl<S: Storage> State<S> {
                 ),
             ));
         }
-        if staged {
+        if let Source::Inline(bytes) = &source {
+            self.storage
+                .put(final_key, content_type::NAR, bytes.clone())
+                .await
+                .map_err(storage_err)?;
+        }
+        if let Source::Staged(staging) = &source {
+            let source = staging.as_str();
             let Some(etag) = check.etag.as_deref() else {
                 return Err(answer(
                     StatusCode::BAD_GATEWAY,
@@ -856,15 +933,13 @@ impl<S: Storage> State<S> {
         if !who.quarantine {
             ni.sign(&p.cfg.key);
         }
-        let fresh = self
-            .storage
-            .put_if_absent(&key, content_type::NARINFO, Bytes::from(ni.to_string()))
+        // Checked absent above (a conditional write would cost every bucket without
+        // conditional writes one more HEAD per path).
+        self.storage
+            .put(&key, content_type::NARINFO, Bytes::from(ni.to_string()))
             .await
             .map_err(storage_err)?;
         p.seen_present([key]);
-        if !fresh {
-            return Ok(Published::AlreadyThere);
-        }
         // The narinfo cache must not keep answering 404 for what was just published.
         self.cache.forget(&layout::narinfo_of(&ni.store_path));
         Ok(Published::Now)

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -172,7 +173,15 @@ struct Inner {
     token: TokenSource,
     counts: RequestCounters,
     notes: Mutex<Vec<String>>,
+    /// Small NARs waiting for their narinfo, to go along with it, by NAR key; and their
+    /// bytes in all (at most [`INLINE_BUDGET`]).
+    /// Two paths with the same contents share a NAR key: each counts.
+    inline: Mutex<(std::collections::HashMap<String, (Bytes, usize)>, usize)>,
 }
+
+/// Memory the small NARs waiting for their narinfos may hold; past it they are uploaded
+/// on a grant at once instead.
+const INLINE_BUDGET: usize = 64 << 20;
 
 /// A gateway that takes pushes.
 #[derive(Clone)]
@@ -216,6 +225,7 @@ impl GatewayTarget {
                 token,
                 counts: RequestCounters::default(),
                 notes: Mutex::new(Vec::new()),
+                inline: Mutex::new((std::collections::HashMap::new(), 0)),
             }),
         })
     }
@@ -375,140 +385,13 @@ impl GatewayTarget {
         }
     }
 
-    fn note(&self, text: &str) {
-        if let Ok(mut n) = self.inner.notes.lock()
-            && !n.iter().any(|t| t == text)
-        {
-            n.push(text.to_owned());
-        }
-    }
-}
-
-/// An upload granted and sent, waiting for its narinfo.
-pub struct GatewayStaged {
-    target: GatewayTarget,
-    key: String,
-    id: String,
-    etags: Vec<String>,
-    size: u64,
-}
-
-impl Staged for GatewayStaged {
-    async fn commit(self) -> Result<u64, StorageError> {
-        if self.etags.is_empty() {
-            // A single PUT: whole once the bucket took it.
-            return Ok(self.size);
-        }
-        let v = json!({ "etags": self.etags });
-        self.target
-            .post_json(
-                "complete upload",
-                &self.key,
-                &format!("uploads/{}/complete", self.id),
-                v,
-            )
-            .await?;
-        Ok(self.size)
-    }
-
-    async fn abort(self) {
-        let _ = self
-            .target
-            .call(
-                "abort upload",
-                &self.key,
-                reqwest::Method::POST,
-                &format!("uploads/{}/abort", self.id),
-                None,
-            )
-            .await;
-    }
-}
-
-/// Refuses what a gateway does not take, naming the key.
-fn not_through_gateway(key: &str) -> StorageError {
-    StorageError::Config(format!(
-        "{key}: a gateway takes NARs and narinfos only (no --pin, --logs or NAR listings through a gateway)"
-    ))
-}
-
-impl Storage for GatewayTarget {
-    type Staged = GatewayStaged;
-
-    fn describe(&self) -> String {
-        self.inner.base.clone()
-    }
-
-    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        if layout::narinfo_hash(key).is_some() {
-            let there = self.exists_many(&[key.to_owned()]).await?;
-            return Ok(there
-                .and_then(|v| v.first().copied())
-                .filter(|b| *b)
-                .map(|_| 0));
-        }
-        Ok(None)
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        if key != layout::CACHE_INFO {
-            // The gateway keeps gc's records itself: a pusher sees none.
-            return Ok(None);
-        }
-        let r = self
-            .call("GET", key, reqwest::Method::GET, "cache-info", None)
-            .await?;
-        Self::expect_ok("GET", key, r).map(Some)
-    }
-
-    async fn put(&self, key: &str, _ct: &'static str, body: Bytes) -> Result<(), StorageError> {
-        if layout::narinfo_hash(key).is_some() {
-            let r = self
-                .call(
-                    "publish",
-                    key,
-                    reqwest::Method::POST,
-                    "narinfo",
-                    Some((crate::storage::content_type::NARINFO, body)),
-                )
-                .await?;
-            let b = Self::expect_ok("publish", key, r)?;
-            if serde_json::from_slice::<Value>(&b)
-                .ok()
-                .and_then(|v| v.get("quarantine").and_then(Value::as_bool))
-                == Some(true)
-            {
-                self.note("published into the gateway's quarantine prefix (a separate cache, unsigned): this job's identity matched the quarantine rules, not the push rules");
-            }
-            return Ok(());
-        }
-        // The push's gc lease: the gateway publishes each narinfo after checking that
-        // its references exist, so a pusher's lease has nothing to protect.
-        if key.starts_with(layout::PUSHES_DIR) {
-            return Ok(());
-        }
-        Err(not_through_gateway(key))
-    }
-
-    async fn put_if_absent(
+    /// Uploads on a grant: the bytes of `prefix` first, then the rest of `body`.
+    async fn granted_upload(
         &self,
         key: &str,
-        _ct: &'static str,
-        _body: Bytes,
-    ) -> Result<bool, StorageError> {
-        if key == layout::CACHE_INFO {
-            // The gateway writes `nix-cache-info` with the first narinfo it publishes.
-            return Ok(false);
-        }
-        Err(not_through_gateway(key))
-    }
-
-    async fn stage(
-        &self,
-        key: &str,
-        _ct: &'static str,
         size_hint: u64,
         mut body: mpsc::Receiver<Bytes>,
+        prefix: Bytes,
     ) -> Result<GatewayStaged, StorageError> {
         let v = self
             .post_json(
@@ -531,11 +414,12 @@ impl Storage for GatewayTarget {
             id: grant.id.clone(),
             etags: Vec::new(),
             size: 0,
+            inline: None,
         };
         let sent = async {
             if let Some(url) = &grant.url {
                 let limit = crate::gateway::push::SINGLE_PUT_MAX as usize * 2;
-                let mut buf = BytesMut::new();
+                let mut buf = BytesMut::from(&prefix[..]);
                 while let Some(b) = body.recv().await {
                     buf.extend_from_slice(&b);
                     if buf.len() > limit {
@@ -555,6 +439,7 @@ impl Storage for GatewayTarget {
             }
             let part_size = grant.part_size.max(5 << 20) as usize;
             let mut part = BytesMut::with_capacity(part_size);
+            part.extend_from_slice(&prefix);
             let mut n = 0usize;
             loop {
                 let next = body.recv().await;
@@ -597,6 +482,238 @@ impl Storage for GatewayTarget {
                 Err(e)
             }
         }
+    }
+
+    fn note(&self, text: &str) {
+        if let Ok(mut n) = self.inner.notes.lock()
+            && !n.iter().any(|t| t == text)
+        {
+            n.push(text.to_owned());
+        }
+    }
+}
+
+/// An upload granted and sent, or a small NAR kept to go along with its narinfo.
+pub struct GatewayStaged {
+    target: GatewayTarget,
+    key: String,
+    id: String,
+    etags: Vec<String>,
+    size: u64,
+    inline: Option<Bytes>,
+}
+
+impl Staged for GatewayStaged {
+    async fn commit(self) -> Result<u64, StorageError> {
+        if let Some(bytes) = self.inline {
+            let size = bytes.len() as u64;
+            let kept = {
+                let mut m = self
+                    .target
+                    .inner
+                    .inline
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some((_, n)) = m.0.get_mut(&self.key) {
+                    *n += 1;
+                    true
+                } else if m.1 + bytes.len() <= INLINE_BUDGET {
+                    m.1 += bytes.len();
+                    m.0.insert(self.key.clone(), (bytes.clone(), 1));
+                    true
+                } else {
+                    false
+                }
+            };
+            if !kept {
+                // Too many waiting: this one goes to the bucket now, on a grant.
+                let (tx, rx) = mpsc::channel(1);
+                let _ = tx.send(bytes).await;
+                drop(tx);
+                let staged = self
+                    .target
+                    .granted_upload(&self.key, size, rx, Bytes::new())
+                    .await?;
+                return staged.commit_upload().await;
+            }
+            return Ok(size);
+        }
+        self.commit_upload().await
+    }
+
+    async fn abort(self) {
+        if self.inline.is_some() {
+            return;
+        }
+        let _ = self
+            .target
+            .call(
+                "abort upload",
+                &self.key,
+                reqwest::Method::POST,
+                &format!("uploads/{}/abort", self.id),
+                None,
+            )
+            .await;
+    }
+}
+
+impl GatewayStaged {
+    async fn commit_upload(self) -> Result<u64, StorageError> {
+        if self.etags.is_empty() {
+            // A single PUT: whole once the bucket took it.
+            return Ok(self.size);
+        }
+        let v = json!({ "etags": self.etags });
+        self.target
+            .post_json(
+                "complete upload",
+                &self.key,
+                &format!("uploads/{}/complete", self.id),
+                v,
+            )
+            .await?;
+        Ok(self.size)
+    }
+}
+
+/// Refuses what a gateway does not take, naming the key.
+fn not_through_gateway(key: &str) -> StorageError {
+    StorageError::Config(format!(
+        "{key}: a gateway takes NARs and narinfos only (no --pin, --logs or NAR listings through a gateway)"
+    ))
+}
+
+impl Storage for GatewayTarget {
+    type Staged = GatewayStaged;
+
+    fn describe(&self) -> String {
+        self.inner.base.clone()
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        if layout::narinfo_hash(key).is_some() {
+            let there = self.exists_many(&[key.to_owned()]).await?;
+            return Ok(there
+                .and_then(|v| v.first().copied())
+                .filter(|b| *b)
+                .map(|_| 0));
+        }
+        Ok(None)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        if key != layout::CACHE_INFO {
+            // The gateway keeps gc's records itself: a pusher sees none.
+            return Ok(None);
+        }
+        let r = self
+            .call("GET", key, reqwest::Method::GET, "cache-info", None)
+            .await?;
+        Self::expect_ok("GET", key, r).map(Some)
+    }
+
+    async fn put(&self, key: &str, _ct: &'static str, body: Bytes) -> Result<(), StorageError> {
+        if layout::narinfo_hash(key).is_some() {
+            // Its NAR, when it is small and waiting to go along.
+            let nar = std::str::from_utf8(&body)
+                .ok()
+                .and_then(|t| crate::format::NarInfo::parse(t).ok())
+                .and_then(|ni| {
+                    let mut m = self.inner.inline.lock().unwrap_or_else(|e| e.into_inner());
+                    let (b, n) = m.0.get_mut(&ni.url)?;
+                    let b = b.clone();
+                    *n -= 1;
+                    if *n == 0 {
+                        m.0.remove(&ni.url);
+                        m.1 -= b.len();
+                    }
+                    Some(b)
+                });
+            let payload = match &nar {
+                Some(bytes) => (
+                    "application/json",
+                    Bytes::from(
+                        json!({
+                            "narinfo": String::from_utf8_lossy(&body),
+                            "nar": base64::engine::general_purpose::STANDARD.encode(bytes),
+                        })
+                        .to_string(),
+                    ),
+                ),
+                None => (crate::storage::content_type::NARINFO, body),
+            };
+            let r = self
+                .call(
+                    "publish",
+                    key,
+                    reqwest::Method::POST,
+                    "narinfo",
+                    Some(payload),
+                )
+                .await?;
+            let b = Self::expect_ok("publish", key, r)?;
+            if serde_json::from_slice::<Value>(&b)
+                .ok()
+                .and_then(|v| v.get("quarantine").and_then(Value::as_bool))
+                == Some(true)
+            {
+                self.note("published into the gateway's quarantine prefix (a separate cache, unsigned): this job's identity matched the quarantine rules, not the push rules");
+            }
+            return Ok(());
+        }
+        // The push's gc lease: the gateway publishes each narinfo after checking that
+        // its references exist, so a pusher's lease has nothing to protect.
+        if key.starts_with(layout::PUSHES_DIR) {
+            return Ok(());
+        }
+        Err(not_through_gateway(key))
+    }
+
+    async fn put_if_absent(
+        &self,
+        key: &str,
+        _ct: &'static str,
+        _body: Bytes,
+    ) -> Result<bool, StorageError> {
+        if key == layout::CACHE_INFO {
+            // The gateway writes `nix-cache-info` with the first narinfo it publishes.
+            return Ok(false);
+        }
+        Err(not_through_gateway(key))
+    }
+
+    async fn stage(
+        &self,
+        key: &str,
+        _ct: &'static str,
+        size_hint: u64,
+        mut body: mpsc::Receiver<Bytes>,
+    ) -> Result<GatewayStaged, StorageError> {
+        // A NAR that compresses to little goes along with its narinfo: no grant, no PUT.
+        let mut prefix = BytesMut::new();
+        loop {
+            match body.recv().await {
+                Some(b) => {
+                    prefix.extend_from_slice(&b);
+                    if prefix.len() as u64 > crate::gateway::push::INLINE_MAX {
+                        break;
+                    }
+                }
+                None => {
+                    return Ok(GatewayStaged {
+                        target: self.clone(),
+                        key: key.to_owned(),
+                        id: String::new(),
+                        etags: Vec::new(),
+                        size: prefix.len() as u64,
+                        inline: Some(prefix.freeze()),
+                    });
+                }
+            }
+        }
+        self.granted_upload(key, size_hint, body, prefix.freeze())
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
