@@ -12,7 +12,8 @@
 //!   key of its own (`_incoming/<id>/...`), valid for the grant's lifetime;
 //! - `POST uploads/<id>/complete` `{"etags": [...]}` (multipart uploads; a single PUT
 //!   needs none) and `POST uploads/<id>/abort`;
-//! - `POST narinfo` (the narinfo's text, unsigned) → publishes it: the staged object's
+//! - `POST narinfo` (the narinfo's text, unsigned; or `{"narinfo": TEXT, "nar": BASE64}`
+//!   for a NAR of at most [`INLINE_MAX`] bytes sent along) → publishes it: the object's
 //!   size and FileHash, and unless `--trust-pushers` its decompressed NarHash and NarSize,
 //!   must be what the narinfo says, and every reference must already be in the cache. Then
 //!   the object is copied to its key (only if it is still the object that was checked),
@@ -66,6 +67,9 @@ const MAX_NAR: u64 = 1 << 40;
 /// relies on far longer than this), and how many are remembered.
 const PRESENT_TTL: Duration = Duration::from_secs(600);
 const PRESENT_MAX: usize = 200_000;
+/// How long a `missing` answer of "absent" stands in for the HEAD before the narinfo is
+/// written (first writer wins): a push publishes within seconds of asking.
+const ABSENT_TTL: Duration = Duration::from_secs(60);
 /// Staging objects older than this, left by a gateway that stopped, are deleted.
 const STALE_STAGING: i64 = 24 * 3600;
 
@@ -88,6 +92,9 @@ pub struct Pushes {
     /// Narinfo keys seen present lately (published here, or answered present), so that
     /// the references of the next narinfos cost no HEAD each.
     present: Mutex<HashMap<String, Instant>>,
+    /// Narinfo keys `missing` just answered absent, with whom to: that pusher's narinfo
+    /// for one of them within [`ABSENT_TTL`] needs no HEAD before it is written.
+    absent: Mutex<HashMap<String, (String, Instant)>>,
     swept_staging: AtomicBool,
     cache_info_written: [AtomicBool; 2],
 }
@@ -104,6 +111,29 @@ impl Pushes {
         }
     }
 
+    fn seen_absent(&self, who: &str, keys: impl IntoIterator<Item = String>) {
+        let mut m = self.absent.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= PRESENT_MAX {
+            m.retain(|_, (_, t)| t.elapsed() < ABSENT_TTL);
+            if m.len() >= PRESENT_MAX {
+                m.clear();
+            }
+        }
+        let now = Instant::now();
+        for k in keys {
+            m.insert(k, (who.to_owned(), now));
+        }
+    }
+
+    /// Whether `missing` told `who` that `key` was absent moments ago (used once).
+    fn just_absent(&self, who: &str, key: &str) -> bool {
+        let mut m = self.absent.lock().unwrap_or_else(|e| e.into_inner());
+        match m.remove(key) {
+            Some((w, t)) => w == who && t.elapsed() < ABSENT_TTL,
+            None => false,
+        }
+    }
+
     fn known_present(&self, key: &str) -> bool {
         let m = self.present.lock().unwrap_or_else(|e| e.into_inner());
         m.get(key).is_some_and(|t| t.elapsed() < PRESENT_TTL)
@@ -114,6 +144,7 @@ impl Pushes {
             cfg,
             grants: Mutex::new(HashMap::new()),
             present: Mutex::new(HashMap::new()),
+            absent: Mutex::new(HashMap::new()),
             swept_staging: AtomicBool::new(false),
             cache_info_written: [AtomicBool::new(false), AtomicBool::new(false)],
         }
@@ -452,6 +483,13 @@ impl<S: Storage> State<S> {
             keys.iter()
                 .zip(&present)
                 .filter(|(_, there)| **there)
+                .map(|(k, _)| k.clone()),
+        );
+        p.seen_absent(
+            &who.who,
+            keys.iter()
+                .zip(&present)
+                .filter(|(_, there)| !**there)
                 .map(|(k, _)| k.clone()),
         );
         let missing: Vec<&String> = q
@@ -819,12 +857,13 @@ impl<S: Storage> State<S> {
         // First writer wins, as with `nix copy`: a published narinfo is never replaced
         // through the push API, so a pusher cannot swap what others already substitute.
         let key = Self::target_key(p, who, &layout::narinfo_of(&ni.store_path));
-        if self
-            .storage
-            .head(&key)
-            .await
-            .map_err(storage_err)?
-            .is_some()
+        if !p.just_absent(&who.who, &key)
+            && self
+                .storage
+                .head(&key)
+                .await
+                .map_err(storage_err)?
+                .is_some()
         {
             return Ok(Published::AlreadyThere);
         }

@@ -175,9 +175,12 @@ struct Inner {
     notes: Mutex<Vec<String>>,
     /// Small NARs waiting for their narinfo, to go along with it, by NAR key; and their
     /// bytes in all (at most [`INLINE_BUDGET`]).
-    /// Two paths with the same contents share a NAR key: each counts.
-    inline: Mutex<(std::collections::HashMap<String, (Bytes, usize)>, usize)>,
+    inline: Mutex<Waiting>,
 }
+
+/// Small NARs by key, each with how many narinfos will take it (two paths with the same
+/// contents share a NAR key), and their bytes in all.
+type Waiting = (std::collections::HashMap<String, (Bytes, usize)>, usize);
 
 /// Memory the small NARs waiting for their narinfos may hold; past it they are uploaded
 /// on a grant at once instead.
