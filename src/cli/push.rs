@@ -27,8 +27,9 @@ use super::signal::{stop_signal, until_stopped};
 
 #[derive(Args, Debug)]
 pub struct CopyArgs {
-    /// The binary cache to publish to: s3://BUCKET[/PREFIX]?endpoint=URL&region=R or
-    /// file:///DIR [default: `to` in cachepush.toml].
+    /// The binary cache to publish to: s3://BUCKET[/PREFIX]?endpoint=URL&region=R,
+    /// file:///DIR, or https://GATEWAY (a cachepush gateway that takes pushes, with a
+    /// token and no S3 credentials or key) [default: `to` in cachepush.toml].
     #[arg(long = "to", value_name = "URL", env = "CACHEPUSH_TO")]
     to: Option<String>,
     /// Store paths, or symlinks to them (./result, a profile, a gc-root).

@@ -12,7 +12,9 @@
 //! 4. NARs ([`nar`]) by redirect to a presigned GET URL, or proxied as a stream (with
 //!    Range), which is also the fallback for storage that cannot presign; HEAD is always
 //!    answered here, as a presigned GET URL cannot answer a HEAD;
-//! 5. `/healthz` ([`health`]) and `/metrics` ([`metrics`]) without credentials.
+//! 5. `/healthz` ([`health`]) and `/metrics` ([`metrics`]) without credentials;
+//! 6. the push API under `/_cachepush/push/v1/` ([`push`]), with rights of its own
+//!    (CI identity tokens, [`oidc`]; push-scope tokens, [`token`]), when it is on.
 //!
 //! Storage 404 is 404; every other storage failure is 502/503/504, so a client never
 //! caches an outage as "absent" ([`error`] holds every status decision). Error bodies are
