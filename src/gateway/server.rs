@@ -112,8 +112,12 @@ async fn serve_request<S: Storage>(
     let guard = InFlight::start(&activity);
     let started = Instant::now();
     let method = req.method().clone();
-    let path: String = req.uri().path().chars().take(200).collect();
-    let (mut resp, label) = if super::push::is_push(&path) {
+    // Kept for the access log only (the push API takes the request whole).
+    let path: Option<String> = state
+        .cfg
+        .access_log
+        .then(|| req.uri().path().chars().take(200).collect());
+    let (mut resp, label) = if super::push::is_push(req.uri().path()) {
         state.push(req, peer.ip).await
     } else {
         state.handle(&req, peer.ip).await
@@ -152,7 +156,7 @@ async fn serve_request<S: Storage>(
             "{} {} {} {status} {len} {:.1}ms{why}",
             peer.label,
             method,
-            path,
+            path.unwrap_or_default(),
             started.elapsed().as_secs_f64() * 1000.0
         ));
     }
