@@ -447,12 +447,17 @@ fn refused_pushers_write_nothing_to_the_bucket() {
     );
     let grant: Value = serde_json::from_str(&body).unwrap();
     let url = grant["url"].as_str().unwrap().to_owned();
+    // A grant is its owner's: another pusher cannot abort (or complete) it.
+    let abort = format!("uploads/{}/abort", grant["id"].as_str().unwrap());
+    assert_eq!(api(&gw, "POST", &abort, &push_token, b"").0, 404);
     // The grant is for exactly its key: the same signature on another key is refused.
     let elsewhere = url.replacen("/_incoming/", "/_elsewhere/", 1);
     assert_ne!(elsewhere, url);
     assert_eq!(put_url(&elsewhere, b"0123456789"), 403);
     assert_eq!(put_url(&url, b"0123456789"), 200, "the grant itself works");
-    s3.delete(&bucket, &url_key(&url, &bucket));
+    // Its owner can: the staged object goes with it.
+    assert_eq!(api(&gw, "POST", &abort, &good, b"").0, 200);
+    assert!(s3.head(&bucket, &url_key(&url, &bucket)).is_none());
     let before = s3.keys(&bucket, "");
     assert!(before.is_empty(), "{before:?}");
     // ...and not after it expires.

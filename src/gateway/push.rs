@@ -639,13 +639,16 @@ impl<S: Storage> State<S> {
     /// Takes the grant `id` out of the table when `who` owns it.
     fn take_grant(p: &Pushes, who: &Pusher, id: &str) -> Result<Grant, Answer> {
         let mut g = p.grants.lock().unwrap_or_else(|e| e.into_inner());
-        match g.get(id) {
-            Some(grant) if grant.owner == *who => Ok(g.remove(id).expect("present")),
-            _ => Err(answer(
-                StatusCode::NOT_FOUND,
-                format!("no upload {id} of yours is open (expired, or never granted)"),
-            )),
+        // Another pusher's grant is left where it is, and answered as if absent.
+        if g.get(id).is_some_and(|grant| grant.owner == *who)
+            && let Some(grant) = g.remove(id)
+        {
+            return Ok(grant);
         }
+        Err(answer(
+            StatusCode::NOT_FOUND,
+            format!("no upload {id} of yours is open (expired, or never granted)"),
+        ))
     }
 
     fn put_back(p: &Pushes, id: &str, grant: Grant) {
