@@ -99,7 +99,10 @@ impl TargetUrl {
             "http" | "https" => {
                 check_params(url, &params, GATEWAY_PARAMS)?;
                 let host = path.split('/').next().unwrap_or_default();
-                if host.is_empty() || host.contains('@') || path.contains('#') {
+                if host.is_empty()
+                    || path.contains(['@', '#'])
+                    || path.contains(char::is_whitespace)
+                {
                     return Err(TargetError::BadGateway(url.to_owned()));
                 }
                 Ok(TargetUrl::Gateway {
@@ -179,6 +182,44 @@ fn percent_decode(url: &str, s: &str) -> Result<String, TargetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_urls() {
+        let g = |u: &str| TargetUrl::parse(u);
+        assert_eq!(
+            g("https://cache.example.org/").unwrap(),
+            TargetUrl::Gateway {
+                base: "https://cache.example.org".into(),
+                params: BTreeMap::new()
+            }
+        );
+        match g("http://127.0.0.1:8080/team/?compression=xz").unwrap() {
+            TargetUrl::Gateway { base, .. } => assert_eq!(base, "http://127.0.0.1:8080/team"),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "https://",
+            "https:///x",
+            "https://user:pw@cache.example.org",
+            "https://cache.example.org/a b",
+            "https://cache.example.org/#x",
+        ] {
+            assert!(
+                matches!(g(bad), Err(TargetError::BadGateway(_))),
+                "{bad}: {:?}",
+                g(bad)
+            );
+        }
+        assert!(matches!(
+            g("https://cache.example.org?endpoint=x"),
+            Err(TargetError::UnknownParam { .. })
+        ));
+        assert!(matches!(
+            TargetUrl::parse_cache("https://cache.example.org"),
+            Err(TargetError::GatewayNotCache(_))
+        ));
+        assert!(TargetUrl::parse_cache("s3://b").is_ok());
+    }
 
     #[test]
     fn file_urls() {
