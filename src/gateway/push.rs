@@ -468,17 +468,13 @@ impl<S: Storage> State<S> {
             .iter()
             .map(|h| Self::target_key(p, who, &layout::narinfo_key(h)))
             .collect();
-        let present = if who.quarantine {
-            exist(&self.storage, &keys).await
-        } else {
-            crate::push::presence::presence(&self.storage, &keys, 32, true)
-                .await
-                .map(|(v, _)| v)
-        }
-        .map_err(|e| {
-            log(&format!("push: missing: {e}"));
-            answer(StatusCode::BAD_GATEWAY, "the bucket did not answer")
-        })?;
+        // The listing covers the cache's own top level, not the quarantine's: HEADs there.
+        let present = exist(&self.storage, &keys, !who.quarantine)
+            .await
+            .map_err(|e| {
+                log(&format!("push: missing: {e}"));
+                answer(StatusCode::BAD_GATEWAY, "the bucket did not answer")
+            })?;
         p.seen_present(
             keys.iter()
                 .zip(&present)
@@ -922,7 +918,9 @@ impl<S: Storage> State<S> {
             .filter(|(_, k)| !p.known_present(k))
             .collect();
         let keys: Vec<String> = unknown.iter().map(|(_, k)| k.clone()).collect();
-        let there = exist(&self.storage, &keys).await.map_err(storage_err)?;
+        let there = exist(&self.storage, &keys, false)
+            .await
+            .map_err(storage_err)?;
         p.seen_present(
             keys.iter()
                 .zip(&there)
@@ -1009,22 +1007,16 @@ impl<S: Storage> State<S> {
     }
 }
 
-/// Whether each key exists, 32 HEADs at a time.
+/// Whether each key exists: the push pipeline's question (32 HEADs in flight, and with
+/// `list` a listing meeting them for large sets).
 async fn exist<S: Storage>(
     storage: &S,
     keys: &[String],
+    list: bool,
 ) -> Result<Vec<bool>, crate::storage::StorageError> {
-    let mut out = Vec::with_capacity(keys.len());
-    for chunk in keys.chunks(32) {
-        let mut heads = Vec::with_capacity(chunk.len());
-        for k in chunk {
-            heads.push(storage.head(k));
-        }
-        for h in futures::future::join_all(heads).await {
-            out.push(h?.is_some());
-        }
-    }
-    Ok(out)
+    crate::push::presence::presence(storage, keys, 32, list)
+        .await
+        .map(|(answers, _)| answers)
 }
 
 #[cfg(test)]
